@@ -1,0 +1,602 @@
+"""The public entry points: ``optimize``, ``plan``, ``relax`` and the ``Budget``/``Plan`` types.
+
+The pipeline reads as a flat list of stages::
+
+    capture -> canonicalize -> analyze -> latency -> score -> plan -> relax -> finetune -> merge
+
+Budgets below 1 need all stages; ``budget=1.0`` only runs the function-preserving ones.
+"""
+
+from __future__ import annotations
+
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from . import planner
+from .analysis import Analysis, Residual, analyze
+from .canonicalize import canonicalize
+from .capture import capture, normalize_inputs, propagate_shapes
+from .errors import InfeasibleBudget, InvalidArgument, RewriteError
+from .importance import Calibration, Candidate, score_candidates
+from .latency import LatencyTable, OpSpec
+from .merge import merge
+from .planning import baseline_latency, build_problem, enumerate_options
+from .relax import apply_segments
+from .report import Report, count_macs, count_params
+
+__all__ = ["Budget", "Plan", "make_plan", "optimize", "relax"]
+
+logger = logging.getLogger("fxcompress")
+
+METHODS = ("merge", "prune")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """An explicit latency target: exactly one of ``fraction``, ``latency_ms`` or ``speedup``.
+
+    Examples
+    --------
+    >>> Budget(speedup=2.0).fraction_of(10.0)
+    0.5
+    """
+
+    fraction: float | None = None
+    latency_ms: float | None = None
+    speedup: float | None = None
+
+    def __post_init__(self) -> None:
+        given = {k: v for k, v in (("fraction", self.fraction), ("latency_ms", self.latency_ms),
+                                   ("speedup", self.speedup)) if v is not None}
+        if len(given) != 1:
+            raise InvalidArgument(f"Budget takes exactly one of fraction, latency_ms, speedup; "
+                                  f"got {given or 'none'}")
+        (name, value), = given.items()
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            math.isfinite(value) and value > 0
+        ):
+            raise InvalidArgument(f"Budget {name} must be a positive finite number, got "
+                                  f"{name}={value!r} (type={type(value).__name__})")
+        if name == "fraction" and value > 1:
+            raise InvalidArgument(f"Budget fraction must be in (0, 1], got fraction={value!r}")
+        if name == "speedup" and value < 1:
+            raise InvalidArgument(f"Budget speedup must be >= 1, got speedup={value!r}")
+
+    def fraction_of(self, original_ms: float) -> float:
+        """The budget as a fraction of ``original_ms``."""
+        if self.fraction is not None:
+            return float(self.fraction)
+        if self.speedup is not None:
+            return 1.0 / float(self.speedup)
+        assert self.latency_ms is not None
+        return float(self.latency_ms) / original_ms
+
+
+def _check_budget(budget: Any) -> Budget:
+    if isinstance(budget, Budget):
+        return budget
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise InvalidArgument(
+            f"budget must be a number in (0, 1] (a fraction of the original latency) or a "
+            f"fxcompress.Budget, got budget={budget!r} (type={type(budget).__name__})"
+        )
+    if not (math.isfinite(budget) and 0 < budget <= 1):
+        raise InvalidArgument(
+            f"budget must be in (0, 1] (a fraction of the original latency; 0.6 means at most "
+            f"60 %), got budget={budget!r} (type={type(budget).__name__})"
+        )
+    return Budget(fraction=float(budget))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A chosen set of segments (JSON-able; replayable with :func:`relax` on the original model).
+
+    Attributes
+    ----------
+    segments : tuple of (chain, start, stop, key, pruned)
+    input_shapes : tuple of (shape, dtype name) of the example inputs the plan was made for
+    """
+
+    segments: tuple[tuple[str, int, int, str, tuple[str, ...]], ...]
+    input_shapes: tuple[tuple[tuple[int, ...], str], ...]
+    budget_ms: float
+    predicted_ms: float
+    original_ms: float
+    damage: float
+    leaf_modules: tuple[str, ...] = ()
+    front: tuple[tuple[float, float], ...] = field(default=())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": 1,
+            "segments": [[c, s, e, k, list(p)] for c, s, e, k, p in self.segments],
+            "input_shapes": [[list(s), d] for s, d in self.input_shapes],
+            "budget_ms": self.budget_ms,
+            "predicted_ms": self.predicted_ms,
+            "original_ms": self.original_ms,
+            "damage": self.damage,
+            "leaf_modules": list(self.leaf_modules),
+            "front": [list(p) for p in self.front],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Plan:
+        return cls(
+            segments=tuple((c, int(s), int(e), k, tuple(p)) for c, s, e, k, p in d["segments"]),
+            input_shapes=tuple((tuple(s), dt) for s, dt in d["input_shapes"]),
+            budget_ms=float(d["budget_ms"]),
+            predicted_ms=float(d["predicted_ms"]),
+            original_ms=float(d["original_ms"]),
+            damage=float(d["damage"]),
+            leaf_modules=tuple(d.get("leaf_modules", ())),
+            front=tuple(tuple(p) for p in d.get("front", ())),
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        return cls.from_dict(json.loads(text))
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _inputs_for(example_inputs: Any, data: Iterable[Any] | None) -> tuple[Any, ...]:
+    if example_inputs is not None:
+        return normalize_inputs(example_inputs)
+    if data is None:
+        raise InvalidArgument(
+            "example_inputs is required when data is not given: pass example_inputs=(x,) with a "
+            "batch of the shape the model expects"
+        )
+    from .importance import split_batch
+
+    for batch in data:
+        try:
+            return split_batch(batch)[0]
+        except TypeError as exc:
+            raise InvalidArgument(f"data batches must be tensors or (inputs, targets): {exc}") from exc
+    raise InvalidArgument("data is empty and example_inputs is not given: nothing to trace with")
+
+
+def _check_methods(methods: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(methods, str):
+        methods = (methods,)
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        raise InvalidArgument(f"methods must be a non-empty subset of {METHODS}, got "
+                              f"methods={tuple(methods)!r}")
+    return tuple(methods)
+
+
+def _latency_table(latency: Any, device: str, cache_dir: Any, progress: bool | None) -> LatencyTable:
+    if isinstance(latency, LatencyTable):
+        return latency
+    if latency not in ("measure", "flops"):
+        raise InvalidArgument(f"latency must be 'measure', 'flops' or a LatencyTable, got "
+                              f"latency={latency!r} (type={type(latency).__name__})")
+    return LatencyTable(mode=latency, device=device, cache_dir=cache_dir, progress=progress)
+
+
+def _dtype_name(gm: fx.GraphModule) -> str:
+    for p in gm.parameters():
+        return str(p.dtype).replace("torch.", "")
+    return "float32"
+
+
+def _max_rel_error(a: Any, b: Any) -> float:
+    from .importance import _flat
+
+    worst = 0.0
+    for x, y in zip(_flat(a), _flat(b)):
+        scale = float(y.detach().abs().max()) if y.numel() else 0.0
+        diff = float((x.detach().double() - y.detach().double()).abs().max()) if y.numel() else 0.0
+        worst = max(worst, diff / max(scale, 1e-12))
+    return worst
+
+
+def _tolerance(inputs: tuple[Any, ...]) -> float:
+    dtypes = {t.dtype for t in inputs if isinstance(t, torch.Tensor)}
+    if dtypes & {torch.float16, torch.bfloat16}:
+        return 2e-2
+    if dtypes == {torch.float64}:
+        return 1e-9
+    return 1e-4
+
+
+def _check(reference: nn.Module, result: nn.Module, inputs: tuple[Any, ...], what: str) -> float:
+    with torch.no_grad():
+        err = _max_rel_error(result(*inputs), reference(*inputs))
+    if not err <= _tolerance(inputs):
+        raise RewriteError(f"{what} changed the model's outputs (max relative error {err:.3g}); "
+                           "this is a bug in fxcompress, please report it")
+    return err
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def make_plan(
+    model: nn.Module,
+    budget: float | Budget,
+    example_inputs: Any = None,
+    *,
+    data: Iterable[Any] | None = None,
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+    latency: str | LatencyTable = "measure",
+    device: str | None = None,
+    methods: Sequence[str] = METHODS,
+    cache_dir: str | None = None,
+    progress: bool | None = None,
+    calibration_batches: int = 4,
+    executor: Executor | None = None,
+    candidate_finetune: Callable[[fx.GraphModule], None] | None = None,
+    leaf_modules: Sequence[str] = (),
+    resolution: int = 2000,
+    _timings: dict[str, float] | None = None,
+    _keep: list[Any] | None = None,
+) -> Plan:
+    """Choose the segments to merge so the predicted latency fits ``budget``.
+
+    Takes the same arguments as :func:`optimize` (which calls it); returns a :class:`Plan`.
+
+    Raises
+    ------
+    InfeasibleBudget
+        If even merging everything mergeable cannot reach the budget; ``.minimum`` is the lowest
+        reachable fraction of the original latency.
+    """
+    b = _check_budget(budget)
+    methods = _check_methods(methods)
+    inputs = _inputs_for(example_inputs, data)
+    timings = _timings if _timings is not None else {}
+    t0 = time.perf_counter()
+    gm = canonicalize(capture(model, inputs, leaf_modules=leaf_modules))
+    timings["capture"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    analysis = analyze(gm)
+    options = enumerate_options(analysis, prune="prune" in methods)
+    timings["analyze"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    dev = device or _device_of(model)
+    table = _latency_table(latency, dev, cache_dir, progress)
+    dtype = _dtype_name(gm)
+    baseline = baseline_latency(analysis, table, dtype)
+    if table.mode == "measure":
+        original = table.measure_module(gm, inputs)
+    else:
+        original = baseline + _rest_estimate(gm, analysis, table, dtype)
+    fixed = max(0.0, original - baseline)
+    timings["latency"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    calib = Calibration.from_data(data, inputs, max_batches=calibration_batches)
+    candidates = [Candidate(o.chain, o.start, o.stop, o.key, o.pruned)
+                  for o in options if o.needs_score]
+    scores = score_candidates(gm, analysis, candidates, calib, loss_fn=loss_fn,
+                              candidate_finetune=candidate_finetune, executor=executor,
+                              progress=progress)
+    timings["importance"] = time.perf_counter() - t0
+
+    # opaque parts keep their latency; the planner sees them as a fixed cost
+    problem = build_problem(analysis, options, scores, table, dtype=dtype, fixed_latency=fixed)
+    prepared = _Prepared(problem, tuple(options), original, inputs, tuple(map(str, leaf_modules)),
+                         resolution)
+    if _keep is not None:
+        _keep.append(prepared)
+    return _solve(prepared, b.fraction_of(original) * original, timings)
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    problem: planner.Problem
+    options: tuple[Any, ...]
+    original: float
+    inputs: tuple[Any, ...]
+    leaf_modules: tuple[str, ...]
+    resolution: int
+
+
+def _solve(prep: _Prepared, target: float, timings: dict[str, float]) -> Plan:
+    t0 = time.perf_counter()
+    original = prep.original
+    try:
+        solution = planner.solve(prep.problem, target, resolution=prep.resolution)
+    except InfeasibleBudget as exc:
+        low = exc.minimum / original
+        raise InfeasibleBudget(
+            f"budget {target / original:.3g} ({target:.3f} ms) is below the lowest reachable "
+            f"latency {exc.minimum:.3f} ms ({low:.3g} of the original {original:.3f} ms)",
+            minimum=low,
+        ) from exc
+    front = planner.pareto_front(prep.problem, resolution=min(prep.resolution, 400))
+    timings["plan"] = timings.get("plan", 0.0) + time.perf_counter() - t0
+
+    pruned_of = {o.id: o.pruned for o in prep.options}
+    segs = [
+        (d.chain, d.start, d.stop, d.key,
+         tuple(pruned_of.get(f"{d.chain}:{d.start}-{d.stop}:{d.key}", ())))
+        for d in solution.decisions
+    ]
+    return Plan(
+        segments=tuple(segs),
+        input_shapes=tuple((tuple(t.shape), str(t.dtype).replace("torch.", ""))
+                           for t in prep.inputs if isinstance(t, torch.Tensor)),
+        budget_ms=target,
+        predicted_ms=solution.latency,
+        original_ms=original,
+        damage=solution.damage,
+        leaf_modules=prep.leaf_modules,
+        front=tuple(front),
+    )
+
+
+def _rest_estimate(gm: fx.GraphModule, analysis: Analysis, table: LatencyTable, dtype: str) -> float:
+    """Analytic cost of the nodes outside chains: one elementwise pass over each output."""
+    from ._graph import shape_of
+    from .analysis import _units_of
+
+    covered: set[str] = set()
+    for c in analysis.chains:
+        for it in c.items:
+            for u in _units_of(it):
+                covered.update(n for n in (u.layer, u.bn, u.act) if n)
+            if isinstance(it, Residual):
+                covered.update(n for n in (it.add, it.act) if n)
+    total = 0.0
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output", "get_attr") or node.name in covered:
+            continue
+        shape = shape_of(node)
+        if shape:
+            total += table(OpSpec(kind="act", input_shape=shape, dtype=dtype, activation="relu"))
+    return total
+
+
+def _device_of(model: nn.Module) -> str:
+    for p in model.parameters():
+        return str(p.device)
+    return "cpu"
+
+
+def relax(model: nn.Module, plan: Plan, example_inputs: Any = None) -> fx.GraphModule:
+    """The trainable form of ``plan`` applied to ``model``.
+
+    Activations inside the planned segments are removed, pruned convs dropped and padding moved
+    to each segment's first conv; BatchNorm stays. ``merge(relax(model, plan))`` computes exactly
+    what ``relax(model, plan)`` computes (in eval mode).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The original model (unchanged).
+    plan : Plan
+        From :func:`make_plan` (or ``Plan.from_json``).
+    example_inputs : optional
+        Inputs to trace with; by default zeros of the shapes recorded in ``plan``.
+    """
+    if not isinstance(plan, Plan):
+        raise InvalidArgument(f"plan must be a fxcompress.Plan, got {type(plan).__name__}")
+    inputs = normalize_inputs(example_inputs) if example_inputs is not None else tuple(
+        torch.zeros(s, dtype=getattr(torch, d)) for s, d in plan.input_shapes
+    )
+    gm = canonicalize(capture(model, inputs, leaf_modules=plan.leaf_modules))
+    analysis = analyze(gm)
+    segments = [(c, s, e, p) for c, s, e, k, p in plan.segments if k != "keep"]
+    relaxed = apply_segments(gm, analysis, segments)
+    propagate_shapes(relaxed, inputs)
+    relaxed.meta["fxcompress.plan"] = plan.to_dict()
+    return relaxed
+
+
+def optimize(
+    model: nn.Module,
+    budget: float | Budget,
+    example_inputs: Any = None,
+    *,
+    data: Iterable[Any] | None = None,
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+    finetune: Callable[[fx.GraphModule], None] | None = None,
+    latency: str | LatencyTable = "measure",
+    device: str | None = None,
+    methods: Sequence[str] = METHODS,
+    check: bool = True,
+    cache_dir: str | None = None,
+    progress: bool | None = None,
+    calibration_batches: int = 4,
+    executor: Executor | None = None,
+    candidate_finetune: Callable[[fx.GraphModule], None] | None = None,
+    leaf_modules: Sequence[str] = (),
+    max_replans: int = 3,
+) -> fx.GraphModule:
+    """Compress ``model`` to at most ``budget`` of its latency and return a GraphModule.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The trained model. It is not modified (weights and ``training`` flag stay as they are).
+    budget : float or Budget
+        Target latency as a fraction of the original in (0, 1]; ``1.0`` applies only
+        function-preserving rewrites (BatchNorm folding, exact merges, skip folds).
+    example_inputs : Tensor or tuple of Tensor, optional
+        Inputs to trace with; by default the first batch of ``data``.
+    data : iterable, optional
+        Calibration batches (``inputs`` or ``(inputs, targets)``) to score merge options.
+    loss_fn : callable, optional
+        ``loss_fn(outputs, targets)``; without it, damage is the loss of output fidelity.
+    finetune : callable, optional
+        ``finetune(relaxed)`` trains the relaxed model in place before the final merge.
+    latency : {"measure", "flops"} or LatencyTable
+        Measured latency table on ``device`` (cached in ``cache_dir``) or an analytic model.
+    device : str, optional
+        Device to measure latency on (default: the model's).
+    methods : sequence of {"merge", "prune"}
+        ``"merge"``: remove activations and merge; ``"prune"``: also drop reducible convs.
+    check : bool
+        Compare every exact step numerically against its reference and raise
+        :class:`RewriteError` if it differs.
+    cache_dir : str, optional
+        Directory of the persistent latency cache.
+    progress : bool, optional
+        Progress bars (default: only on a terminal).
+    calibration_batches : int
+        Number of ``data`` batches used for scoring.
+    executor : concurrent.futures.Executor, optional
+        Scores candidates through it (e.g. a Dask client's executor).
+    candidate_finetune : callable, optional
+        LayerMerge-faithful importance: briefly train each candidate before scoring it.
+    leaf_modules : sequence of str or type
+        Submodules to keep opaque when tracing.
+    max_replans : int
+        Closed loop: if the measured latency misses the budget by more than 5 %, re-plan with a
+        tighter budget at most this many times.
+
+    Returns
+    -------
+    torch.fx.GraphModule
+        ``compiled.meta["fxcompress"]`` is a :class:`~fxcompress.report.Report`.
+
+    Raises
+    ------
+    InvalidArgument
+        Bad budget, inputs, methods or latency.
+    CaptureError
+        The model cannot be traced (the message suggests ``leaf_modules``).
+    InfeasibleBudget
+        The budget is below the lowest reachable latency (given in the message).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> import fxcompress
+    >>> model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()).eval()
+    >>> x = torch.randn(1, 3, 16, 16)
+    >>> compiled = fxcompress.optimize(model, 1.0, example_inputs=x, latency="flops")
+    >>> torch.allclose(compiled(x), model(x), atol=1e-5)
+    True
+    >>> [e["kind"] for e in compiled.meta["fxcompress"].events]
+    ['fold_bn']
+    """
+    b = _check_budget(budget)
+    if not isinstance(model, nn.Module):
+        raise InvalidArgument(f"model must be a torch.nn.Module, got model={model!r:.80} "
+                              f"(type={type(model).__name__})")
+    methods = _check_methods(methods)
+    inputs = _inputs_for(example_inputs, data)
+    table = _latency_table(latency, device or _device_of(model), cache_dir, progress)
+    timings: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    gm = canonicalize(capture(model, inputs, leaf_modules=leaf_modules))
+    report = Report(budget=b.fraction if b.fraction is not None else float("nan"),
+                    latency_mode=table.mode, params_before=count_params(gm),
+                    macs_before=count_macs(gm))
+    report.events = list(gm.meta.get("fxcompress.events", []))
+    timings["capture"] = time.perf_counter() - t0
+
+    if b.fraction == 1.0:
+        t0 = time.perf_counter()
+        result = merge(gm)
+        timings["merge"] = time.perf_counter() - t0
+        if check:
+            report.max_rel_error = _check(gm, result, inputs, "merge")
+        report.kept = [list(k) for k in analyze(gm).kept]
+    else:
+        result, relaxed, plan = _optimize_below_one(
+            model, b, inputs, data=data, loss_fn=loss_fn, finetune=finetune, table=table,
+            methods=methods, check=check, progress=progress,
+            calibration_batches=calibration_batches, executor=executor,
+            candidate_finetune=candidate_finetune, leaf_modules=leaf_modules,
+            max_replans=max_replans, report=report, timings=timings,
+        )
+        report.predicted_ms = plan.predicted_ms
+        report.damage = plan.damage
+        report.decisions = [{"chain": c, "start": s, "stop": e, "key": k, "pruned": list(p)}
+                            for c, s, e, k, p in plan.segments]
+        report.original_ms = plan.original_ms
+        report.kept = [list(k) for k in analyze(gm).kept]
+    report.events += [e for e in result.meta.get("fxcompress.events", [])
+                      if e not in report.events]
+    report.params_after = count_params(result)
+    report.macs_after = count_macs(result)
+    if report.original_ms is None:
+        report.original_ms = table.measure_module(gm, inputs) if table.mode == "measure" else None
+    if report.final_ms is None and table.mode == "measure":
+        report.final_ms = table.measure_module(result, inputs)
+    report.stage_seconds = timings
+    result.meta["fxcompress"] = report
+    logger.info("optimize done: %s", report.to_markdown().splitlines()[4:6])
+    return result
+
+
+def _optimize_below_one(
+    model: nn.Module,
+    b: Budget,
+    inputs: tuple[Any, ...],
+    *,
+    table: LatencyTable,
+    finetune: Callable[[fx.GraphModule], None] | None,
+    check: bool,
+    max_replans: int,
+    report: Report,
+    timings: dict[str, float],
+    **kw: Any,
+) -> tuple[fx.GraphModule, fx.GraphModule, Plan]:
+    kw_plan = {k: v for k, v in kw.items()}
+    budget: Budget = b
+    keep: list[_Prepared] = []
+    plan = make_plan(model, budget, inputs, latency=table, _timings=timings, _keep=keep, **kw_plan)
+    goal = plan.budget_ms
+    for attempt in range(max_replans + 1):
+        t0 = time.perf_counter()
+        relaxed = relax(model, plan, inputs)
+        timings["relax"] = timings.get("relax", 0.0) + time.perf_counter() - t0
+        t0 = time.perf_counter()
+        result = merge(relaxed)
+        timings["merge"] = timings.get("merge", 0.0) + time.perf_counter() - t0
+        if check:
+            report.max_rel_error = _check(relaxed, result, inputs, "merge of the relaxed model")
+        if table.mode != "measure":
+            break
+        measured = table.measure_module(result, inputs)
+        report.final_ms = measured
+        if measured <= 1.05 * goal or attempt == max_replans:
+            break
+        tighter = plan.budget_ms * goal / measured
+        report.replans.append({"measured_ms": measured, "goal_ms": goal, "new_budget_ms": tighter})
+        logger.info("measured %.3f ms misses %.3f ms; re-planning for %.3f ms", measured, goal,
+                    tighter)
+        try:
+            plan = _solve(keep[0], tighter, timings)
+        except InfeasibleBudget:
+            break
+    if finetune is not None:
+        t0 = time.perf_counter()
+        relaxed = relax(model, plan, inputs)
+        finetune(relaxed)
+        relaxed.eval()
+        result = merge(relaxed)
+        timings["finetune"] = time.perf_counter() - t0
+        if check:
+            report.max_rel_error = _check(relaxed, result, inputs, "merge of the fine-tuned model")
+        if table.mode == "measure":
+            report.final_ms = table.measure_module(result, inputs)
+    return result, relaxed, plan
+
+

@@ -1,0 +1,98 @@
+"""Function-preserving clean-ups that make later pattern matching simple.
+
+After :func:`canonicalize`:
+- every recognised activation is an out-of-place ``call_function`` of the functional in
+  :data:`fxcompress.ops.ACTIVATIONS` (module, functional, method and in-place spellings alike),
+  except an in-place call whose input is read again later (rewriting it would change what
+  those readers see);
+- eval-mode dropout and ``nn.Identity`` calls are gone (``drop_dropout=True``).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch.nn.functional as F
+from torch import fx, nn
+
+from ._graph import clone, finalize, topo_index
+from .ops import activation_function, activation_of, is_inplace
+
+__all__ = ["canonicalize"]
+
+logger = logging.getLogger("fxcompress.canonicalize")
+
+_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity)
+
+
+def canonicalize(gm: fx.GraphModule, *, drop_dropout: bool = True) -> fx.GraphModule:
+    """Return a copy of ``gm`` with activations in canonical form and no-op layers removed.
+
+    Parameters
+    ----------
+    gm : torch.fx.GraphModule
+        A captured (eval-mode) module; not modified.
+    drop_dropout : bool
+        Remove ``nn.Dropout*``/``nn.Identity`` calls and ``F.dropout(..., training=False)``.
+
+    Returns
+    -------
+    torch.fx.GraphModule
+        The rewritten copy; ``gm.meta["fxcompress.events"]`` lists what changed.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from fxcompress.capture import capture
+    >>> gm = capture(nn.Sequential(nn.Conv2d(1, 2, 1), nn.ReLU(inplace=True), nn.Dropout()),
+    ...              torch.randn(1, 1, 4, 4))
+    >>> print([n.target.__name__ for n in canonicalize(gm).graph.nodes if n.op == "call_function"])
+    ['relu']
+    """
+    gm = clone(gm)
+    events: list[dict[str, object]] = []
+    order = topo_index(gm)
+    for node in list(gm.graph.nodes):
+        if drop_dropout and _is_noop(gm, node):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+            events.append({"kind": "drop", "node": node.name})
+            continue
+        spec = activation_of(gm, node)
+        if spec is None or not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        if _is_canonical(node, spec.name):
+            continue
+        source = node.args[0]
+        if is_inplace(gm, node) and any(order[u] > order[node] for u in source.users if u is not node):
+            logger.debug("keeping in-place %s: its input is read again afterwards", node.name)
+            continue
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(
+                activation_function(spec.name), (source,), dict(spec.kwargs)
+            )
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        order[new] = order[node]
+    gm.meta["fxcompress.events"] = [*gm.meta.get("fxcompress.events", []), *events]
+    return finalize(gm)
+
+
+def _is_canonical(node: fx.Node, name: str) -> bool:
+    return (
+        node.op == "call_function"
+        and node.target is activation_function(name)
+        and len(node.args) == 1
+        and "inplace" not in node.kwargs
+    )
+
+
+def _is_noop(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(str(node.target)), _DROPOUTS) and len(node.args) == 1
+    if node.op == "call_function" and node.target in (F.dropout, F.dropout1d, F.dropout2d):
+        training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
+        return training is False
+    return False

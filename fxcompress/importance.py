@@ -1,0 +1,281 @@
+"""Damage of each merge option, measured on the network with only that segment relaxed.
+
+Objective (stated, no hidden bonus): the damage of an option is
+
+- with ``loss_fn``: ``max(0, L(relaxed) - L(original))``, the increase of the mean calibration
+  loss (``loss_fn(outputs, targets)`` averaged over the calibration batches);
+- without: the relative squared error of the outputs,
+  ``sum ||f_relaxed(x) - f(x)||^2 / sum ||f(x)||^2`` over the calibration batches.
+
+Damages add up over segments in the planner (an approximation the DP relies on).
+
+Values of the nodes before a segment are taken from one run of the original network (prefix
+re-use): each candidate only recomputes from its segment onwards. Candidates can be scored through
+any :class:`concurrent.futures.Executor` (then without prefix re-use, since the prefix values
+would have to be shipped), and finished scores can be kept in a JSON file to resume.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import fx
+
+from .analysis import Analysis
+from .relax import apply_segments
+
+__all__ = ["Candidate", "Calibration", "score_candidates"]
+
+logger = logging.getLogger("fxcompress.importance")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One option to score: relax ``chain`` items ``start..stop`` with ``pruned`` units removed."""
+
+    chain: str
+    start: int
+    stop: int
+    key: str
+    pruned: tuple[str, ...] = ()
+
+    @property
+    def id(self) -> str:
+        return f"{self.chain}:{self.start}-{self.stop}:{self.key}"
+
+
+@dataclass
+class Calibration:
+    """Calibration batches: positional inputs and optional targets."""
+
+    inputs: list[tuple[Any, ...]]
+    targets: list[Any]
+
+    @classmethod
+    def from_data(
+        cls, data: Iterable[Any] | None, example_inputs: tuple[Any, ...], *, max_batches: int
+    ) -> Calibration:
+        inputs: list[tuple[Any, ...]] = []
+        targets: list[Any] = []
+        if data is not None:
+            for batch in data:
+                if len(inputs) >= max_batches:
+                    break
+                x, y = split_batch(batch)
+                inputs.append(x)
+                targets.append(y)
+        if not inputs:
+            inputs, targets = [example_inputs], [None]
+        return cls(inputs, targets)
+
+
+def split_batch(batch: Any) -> tuple[tuple[Any, ...], Any]:
+    """``inputs`` or ``(inputs, targets)`` -> (tuple of positional inputs, targets or None)."""
+    if isinstance(batch, torch.Tensor):
+        return (batch,), None
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        x, y = batch
+        return ((x,) if isinstance(x, torch.Tensor) else tuple(x)), y
+    if isinstance(batch, (tuple, list)) and batch:
+        return tuple(batch), None
+    raise TypeError(f"a batch must be a tensor or (inputs, targets), got {type(batch).__name__}")
+
+
+def _flat(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for k in sorted(out) for t in _flat(out[k])]
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _flat(o)]
+    return []
+
+
+class _Scorer:
+    def __init__(
+        self,
+        gm: fx.GraphModule,
+        calib: Calibration,
+        loss_fn: Callable[[Any, Any], torch.Tensor] | None,
+    ) -> None:
+        self.gm = gm
+        self.calib = calib
+        self.loss_fn = loss_fn if calib.targets[0] is not None else None
+        self.envs: list[dict[str, Any]] = []
+        self.reference: list[list[torch.Tensor]] = []
+        self.base_loss = 0.0
+        self.order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+        with torch.no_grad():
+            for x, y in zip(calib.inputs, calib.targets):
+                env: dict[str, Any] = {}
+                out = _Recorder(gm, env).run(*x)
+                self.envs.append(env)
+                self.reference.append([t.detach() for t in _flat(out)])
+                if self.loss_fn is not None:
+                    self.base_loss += float(self.loss_fn(out, y)) / len(calib.inputs)
+
+    def damage(self, relaxed: fx.GraphModule, first_node: str | None) -> float:
+        cut = self.order.get(first_node, 0) if first_node is not None else 0
+        total_err = 0.0
+        total_ref = 0.0
+        loss = 0.0
+        with torch.no_grad():
+            for i, (x, y) in enumerate(zip(self.calib.inputs, self.calib.targets)):
+                env = {
+                    n: self.envs[i][n.name]
+                    for n in relaxed.graph.nodes
+                    if n.op != "output" and self.order.get(n.name, cut + 1) <= cut
+                    and n.name in self.envs[i]
+                }
+                out = fx.Interpreter(relaxed).run(*x, initial_env=env)
+                if self.loss_fn is not None:
+                    loss += float(self.loss_fn(out, y)) / len(self.calib.inputs)
+                    continue
+                for a, b in zip(_flat(out), self.reference[i]):
+                    total_err += float((a.double() - b.double()).pow(2).sum())
+                    total_ref += float(b.double().pow(2).sum())
+        if self.loss_fn is not None:
+            return max(0.0, loss - self.base_loss)
+        return total_err / max(total_ref, 1e-30)
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, store: dict[str, Any]) -> None:
+        super().__init__(gm)
+        self.store = store
+
+    def run_node(self, n: fx.Node) -> Any:
+        value = super().run_node(n)
+        self.store[n.name] = value
+        return value
+
+
+def _first_node(analysis: Analysis, cand: Candidate, gm: fx.GraphModule) -> str:
+    items = analysis.chain(cand.chain).items[cand.start:cand.stop]
+    return items[0].input
+
+
+def _remote_damage(
+    relaxed: fx.GraphModule,
+    calib: Calibration,
+    reference: list[list[torch.Tensor]],
+    base_loss: float,
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None,
+) -> float:
+    """Score one relaxed model from scratch (used with a user-supplied executor)."""
+    err = ref = loss = 0.0
+    with torch.no_grad():
+        for i, (x, y) in enumerate(zip(calib.inputs, calib.targets)):
+            out = relaxed(*x)
+            if loss_fn is not None:
+                loss += float(loss_fn(out, y)) / len(calib.inputs)
+                continue
+            for a, b in zip(_flat(out), reference[i]):
+                err += float((a.double() - b.double()).pow(2).sum())
+                ref += float(b.double().pow(2).sum())
+    return max(0.0, loss - base_loss) if loss_fn is not None else err / max(ref, 1e-30)
+
+
+def score_candidates(
+    gm: fx.GraphModule,
+    analysis: Analysis,
+    candidates: Sequence[Candidate],
+    calib: Calibration,
+    *,
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+    candidate_finetune: Callable[[fx.GraphModule], None] | None = None,
+    executor: Executor | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
+    progress: bool | None = None,
+) -> dict[str, float]:
+    """Damage of every candidate, keyed by :attr:`Candidate.id`.
+
+    Parameters
+    ----------
+    gm : torch.fx.GraphModule
+        The canonicalised graph ``analysis`` was computed from.
+    candidates : sequence of Candidate
+    calib : Calibration
+    loss_fn : callable, optional
+        ``loss_fn(outputs, targets) -> scalar``; used when the batches carry targets.
+    candidate_finetune : callable, optional
+        LayerMerge-faithful mode: called on each relaxed candidate (train it briefly in place)
+        before it is scored. Scored without prefix re-use.
+    executor : concurrent.futures.Executor, optional
+        Score candidates through it (e.g. a ``ProcessPoolExecutor`` or a Dask client's
+        executor). Default: in this process, with prefix re-use.
+    checkpoint : path, optional
+        JSON file of finished scores; existing entries are reused, new ones are added as they
+        finish (atomically), so an interrupted scoring resumes.
+    progress : bool, optional
+        Show a tqdm bar (default: only when stderr is a terminal).
+    """
+    from .progress import bar
+
+    done: dict[str, float] = _load(checkpoint)
+    todo = [c for c in candidates if c.id not in done]
+    scorer = _Scorer(gm, calib, loss_fn)
+
+    def relaxed_of(c: Candidate) -> fx.GraphModule:
+        return apply_segments(gm, analysis, [(c.chain, c.start, c.stop, c.pruned)])
+
+    with bar(total=len(todo), desc="scoring", enabled=progress) as pbar:
+        if executor is None:
+            for c in todo:
+                relaxed = relaxed_of(c)
+                if candidate_finetune is not None:
+                    candidate_finetune(relaxed)
+                    relaxed.eval()
+                    done[c.id] = _remote_damage(relaxed, calib, scorer.reference,
+                                                scorer.base_loss, scorer.loss_fn)
+                else:
+                    done[c.id] = scorer.damage(relaxed, _first_node(analysis, c, gm))
+                _save(checkpoint, done)
+                pbar.update(1)
+        else:
+            futures = {}
+            for c in todo:
+                relaxed = relaxed_of(c)
+                if candidate_finetune is not None:
+                    candidate_finetune(relaxed)
+                    relaxed.eval()
+                futures[c.id] = executor.submit(
+                    _remote_damage, relaxed, calib, scorer.reference, scorer.base_loss,
+                    scorer.loss_fn,
+                )
+            for cid, fut in futures.items():
+                done[cid] = float(fut.result())
+                _save(checkpoint, done)
+                pbar.update(1)
+    return {c.id: done[c.id] for c in candidates}
+
+
+def _load(path: str | os.PathLike[str] | None) -> dict[str, float]:
+    if path is None or not Path(path).exists():
+        return {}
+    try:
+        data = json.loads(Path(path).read_text())
+        return {str(k): float(v) for k, v in data.get("scores", {}).items()}
+    except (ValueError, OSError, AttributeError) as exc:
+        logger.warning("ignoring unreadable importance checkpoint %s: %s", path, exc)
+        return {}
+
+
+def _save(path: str | os.PathLike[str] | None, scores: dict[str, float]) -> None:
+    if path is None:
+        return
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".imp-", suffix=".json")
+    with os.fdopen(fd, "w") as fh:
+        json.dump({"format": 1, "scores": dict(sorted(scores.items()))}, fh)
+    os.replace(tmp, target)

@@ -1,0 +1,340 @@
+"""Exact merging passes: BatchNorm folding, conv∘conv / linear∘linear merging, skip folding.
+
+Every rewrite here is function-preserving in eval mode (up to floating-point rounding; the maths
+runs in float64). Patterns and the reasons they are skipped:
+
+- ``layer -> BN``: folded when the layer's output feeds only the BN (else others would see the
+  folded values) and the BN uses running statistics.
+- ``conv1 -> conv2``: merged into one conv when nothing else reads conv1's output, conv2 does not
+  zero-pad (padding of an intermediate map is not a convolution of the input), and — unless both
+  nodes carry the same ``meta["fxcompress.segment"]`` chosen by a planner — the merged conv costs
+  no more multiply-accumulates than the two it replaces (a depthwise chain turned dense would).
+- ``add(convA(x), convB(x))``, ``add(conv(x), x)`` and ``add(conv(x), Pad(x))``: folded into one
+  conv (projection shortcut, identity skip, cropped identity) under the same cost rule.
+- ``linear1 -> linear2``: merged when the product is no larger than the pair.
+
+A module called from several places is never modified: each rewritten call site gets a new module.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from ._graph import clone, finalize, install, is_unused, replace_module, shape_of
+from .kernels import ConvParams, LinearParams, add_parallel, compose, compose_linear, fold_bn, identity
+from .modules import Pad
+from .ops import batchnorm_of, is_add, layer_of, pad_of, single_user
+
+__all__ = ["fold_batchnorm", "merge"]
+
+logger = logging.getLogger("fxcompress.merge")
+
+SEGMENT = "fxcompress.segment"
+Event = dict[str, Any]
+
+
+def fold_batchnorm(gm: fx.GraphModule) -> fx.GraphModule:
+    """Return a copy of ``gm`` with every foldable eval-mode BatchNorm folded into its layer.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from fxcompress.capture import capture
+    >>> m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    >>> folded = fold_batchnorm(capture(m, torch.randn(1, 3, 6, 6)))
+    >>> [type(mod).__name__ for mod in folded.children()]
+    ['Conv2d']
+    """
+    gm = clone(gm)
+    events = _fold_all_bn(gm)
+    _record(gm, events)
+    return finalize(gm)
+
+
+def merge(gm: fx.GraphModule, *, only_if_cheaper: bool = True) -> fx.GraphModule:
+    """Return a copy of ``gm`` with every exactly-mergeable run of layers merged into one layer.
+
+    BatchNorms are folded first; then conv chains, linear chains and foldable skip connections are
+    merged until nothing changes.
+
+    Parameters
+    ----------
+    gm : torch.fx.GraphModule
+        A captured, eval-mode module (see :func:`fxcompress.capture`); not modified.
+    only_if_cheaper : bool
+        Apply a merge only if the merged layer costs no more multiply-accumulates than the layers
+        it replaces. Pairs that a planner marked as one segment are merged regardless.
+
+    Returns
+    -------
+    torch.fx.GraphModule
+        ``meta["fxcompress.events"]`` lists each fold and merge.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from fxcompress.capture import capture
+    >>> m = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 3)).eval()
+    >>> x = torch.randn(1, 3, 9, 9)
+    >>> merged = merge(capture(m, x))
+    >>> [type(mod).__name__ for mod in merged.children()]
+    ['Conv2d']
+    >>> torch.allclose(merged(x), m(x), atol=1e-5)
+    True
+    """
+    gm = clone(gm).eval()  # folds use eval (running-statistics) semantics
+    events: list[Event] = _fold_all_bn(gm)
+    changed = True
+    while changed:
+        changed = False
+        for node in list(gm.graph.nodes):
+            if node.graph is not gm.graph or node not in gm.graph.nodes:
+                continue  # erased earlier in this sweep
+            event = _try_chain(gm, node, only_if_cheaper) or _try_add(gm, node, only_if_cheaper)
+            if event is not None:
+                events.append(event)
+                changed = True
+    _record(gm, events)
+    return finalize(gm)
+
+
+def _record(gm: fx.GraphModule, events: list[Event]) -> None:
+    gm.meta["fxcompress.events"] = [*gm.meta.get("fxcompress.events", []), *events]
+
+
+# --------------------------------------------------------------------------- BatchNorm folding
+
+
+def _fold_all_bn(gm: fx.GraphModule) -> list[Event]:
+    events = []
+    for node in list(gm.graph.nodes):
+        bn = batchnorm_of(gm, node)
+        if bn is None or not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        producer = node.args[0]
+        if single_user(producer) is not node:
+            continue  # the layer's output is read elsewhere too; those readers need it unfolded
+        layer = layer_of(gm, producer)
+        if layer is None:
+            continue  # BN after something that is not a conv/linear layer
+        if layer.weight.shape[0] != bn.num_features:
+            continue
+        if isinstance(layer, LinearParams) and len(shape_of(producer) or ()) != 2:
+            continue  # BatchNorm1d on a 3-D linear output normalises another axis
+        folded = fold_bn(
+            layer,
+            mean=bn.running_mean,
+            var=bn.running_var,
+            weight=bn.weight,
+            bias=bn.bias,
+            eps=bn.eps,
+        )
+        name = _emit(gm, producer, node, folded, preferred=_name_hint(producer))
+        events.append({"kind": "fold_bn", "layer": _name_hint(producer), "bn": str(node.target),
+                       "into": name})
+    return events
+
+
+# --------------------------------------------------------------------------- chains
+
+
+def _try_chain(gm: fx.GraphModule, node: fx.Node, only_if_cheaper: bool) -> Event | None:
+    """Merge ``node`` (a layer) with the layer that produces its input, if exact and worth it."""
+    second = layer_of(gm, node)
+    if second is None or not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    prev = node.args[0]
+    if single_user(prev) is not node:
+        return None  # the intermediate map is read elsewhere
+    first = layer_of(gm, prev)
+    if first is None or type(first) is not type(second):
+        return None
+    forced = _same_segment(prev, node)
+    if isinstance(first, LinearParams):
+        assert isinstance(second, LinearParams)
+        merged_lin = compose_linear(first, second)
+        d_in, hidden, d_out = first.weight.shape[1], first.weight.shape[0], second.weight.shape[0]
+        if only_if_cheaper and not forced and d_in * d_out > hidden * (d_in + d_out):
+            return None  # the product matrix is larger than the factorised pair
+        name = _emit(gm, prev, node, merged_lin, preferred=_name_hint(prev))
+        return {"kind": "merge", "layers": [_name_hint(prev), _name_hint(node)], "into": name}
+    assert isinstance(first, ConvParams) and isinstance(second, ConvParams)
+    if any(p != 0 for p in second.padding):
+        return None  # zero padding of the intermediate map is not expressible in one conv
+    if first.ndim != second.ndim:
+        return None
+    merged = compose(first, second)
+    if only_if_cheaper and not forced:
+        cost_before = _conv_macs(first, shape_of(prev)) + _conv_macs(second, shape_of(node))
+        if _conv_macs(merged, shape_of(node)) > cost_before:
+            logger.debug("not merging %s into %s: merged conv is costlier", prev.name, node.name)
+            return None
+    name = _emit(gm, prev, node, merged, preferred=_name_hint(prev))
+    return {
+        "kind": "merge",
+        "layers": [_name_hint(prev), _name_hint(node)],
+        "into": name,
+        "kernel_size": list(merged.kernel_size),
+        "groups": merged.groups,
+    }
+
+
+# --------------------------------------------------------------------------- skip folding
+
+
+def _branch(gm: fx.GraphModule, node: fx.Node, add: fx.Node) -> tuple[fx.Node, ConvParams, bool] | None:
+    """View one input of ``add`` as ``(input, conv, erasable)``."""
+    if single_user(node) is not add or not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    layer = layer_of(gm, node)
+    if isinstance(layer, ConvParams):
+        source = node.args[0]
+        crop = _pad_as_conv(gm, source, layer.in_channels, layer.weight.dtype)
+        if crop is not None and single_user(source) is node:
+            # Pad(x) -> conv: a relocated projection shortcut; the pad is folded in too
+            return source.args[0], compose(crop, layer), True
+        return source, layer, True
+    shape = shape_of(node.args[0])
+    crop = _pad_as_conv(gm, node, shape[1] if shape else 0, _dtype(node))
+    if crop is not None:
+        return node.args[0], crop, True
+    return None
+
+
+def _dtype(node: fx.Node) -> torch.dtype:
+    meta = node.meta.get("tensor_meta")
+    return getattr(meta, "dtype", torch.float32)
+
+
+def _pad_as_conv(
+    gm: fx.GraphModule, node: fx.Node, channels: int, dtype: torch.dtype
+) -> ConvParams | None:
+    """A :class:`Pad` node viewed as an identity conv with that padding (crop if negative)."""
+    amounts = pad_of(gm, node)
+    if amounts is None or channels <= 0 or not isinstance(node.args[0], fx.Node):
+        return None
+    return identity(channels, len(amounts), dtype=dtype, padding=tuple(amounts))
+
+
+def _try_add(gm: fx.GraphModule, add: fx.Node, only_if_cheaper: bool) -> Event | None:
+    if not is_add(add):
+        return None
+    u, v = add.args
+    if shape_of(u) is None or shape_of(u) != shape_of(v):
+        return None  # broadcasting add, or unknown shapes
+    bu, bv = _branch(gm, u, add), _branch(gm, v, add)
+    if bu is None and bv is None:
+        return None
+    shape = shape_of(u)
+    assert shape is not None
+    if bu is None or bv is None:
+        conv_side, other = (bu, v) if bu is not None else (bv, u)
+        assert conv_side is not None
+        if conv_side[0] is not other or len(shape) < 3:
+            return None  # not a skip around this conv
+        dtype = add.meta["tensor_meta"].dtype
+        bu, bv = conv_side, (other, identity(shape[1], len(shape) - 2, dtype=dtype), False)
+    (xu, cu, eu), (xv, cv, ev) = bu, bv
+    if xu is not xv:
+        return None  # the two branches read different tensors
+    try:
+        merged = add_parallel(cu, cv)
+    except ValueError as exc:
+        logger.debug("not folding %s: %s", add.name, exc)
+        return None
+    forced = _same_segment(u, add) or _same_segment(v, add)
+    if only_if_cheaper and not forced:
+        before = _conv_macs(cu, shape) + _conv_macs(cv, shape)
+        if _conv_macs(merged, shape) > before:
+            return None
+    conv_nodes = [n for n, erase in ((u, eu), (v, ev)) if erase and layer_of(gm, n) is not None]
+    hint = _name_hint(conv_nodes[0]) if conv_nodes else add.name
+    name = _emit(gm, xu, add, merged, preferred=hint, replaced=[n for n, e in ((u, eu), (v, ev)) if e])
+    return {"kind": "fold_skip", "add": add.name, "branches": [_name_hint(n) for n in (u, v)],
+            "into": name}
+
+
+# --------------------------------------------------------------------------- emission
+
+
+def _emit(
+    gm: fx.GraphModule,
+    start: fx.Node,
+    end: fx.Node,
+    params: ConvParams | LinearParams,
+    *,
+    preferred: str,
+    replaced: list[fx.Node] | None = None,
+) -> str:
+    """Replace the nodes from ``start``'s layer through ``end`` by one call of ``params``.
+
+    ``start`` is either the first replaced layer node (chains, BN folds) or the common input of
+    the branches (skip folds, with the replaced branch nodes given in ``replaced``).
+    """
+    if replaced is None:
+        replaced = [start, end]
+        source = start.args[0]
+    else:
+        replaced = [*replaced, end]
+        source = start
+    module, pad = _to_module(params)
+    old_targets = [str(n.target) for n in replaced if n.op == "call_module"]
+    segment = end.meta.get(SEGMENT)
+    with gm.graph.inserting_before(end):
+        x = source
+        if pad is not None:
+            pad_name = install(gm, preferred.replace(".", "_") + "_crop", pad)
+            x = gm.graph.call_module(pad_name, (x,))
+        new = gm.graph.call_module("__placeholder__", (x,))
+    new.meta = dict(end.meta)
+    if segment is not None:
+        new.meta[SEGMENT] = segment
+    end.replace_all_uses_with(new)
+    for n in [end, *reversed([r for r in replaced if r is not end])]:
+        if not n.users:
+            gm.graph.erase_node(n)
+    target = preferred if preferred in old_targets else None
+    if target is not None and is_unused(gm, target):
+        name = replace_module(gm, target, module)
+    else:
+        name = install(gm, preferred.replace(".", "_") + "_merged" if target is None else preferred,
+                       module)
+    new.target = name
+    return name
+
+
+def _to_module(params: ConvParams | LinearParams) -> tuple[nn.Module, Pad | None]:
+    if isinstance(params, LinearParams):
+        return params.to_module(), None
+    if all(p >= 0 for p in params.padding):
+        return params.to_module(), None
+    crop = tuple(min(p, 0) for p in params.padding)
+    rest = ConvParams(params.weight, params.bias, stride=params.stride,
+                      padding=tuple(max(p, 0) for p in params.padding),
+                      dilation=params.dilation, groups=params.groups)
+    return rest.to_module(), Pad(crop)
+
+
+def _name_hint(node: fx.Node) -> str:
+    return str(node.target) if node.op == "call_module" else node.name
+
+
+def _same_segment(a: fx.Node, b: fx.Node) -> bool:
+    sa, sb = a.meta.get(SEGMENT), b.meta.get(SEGMENT)
+    return sa is not None and sa == sb
+
+
+def _conv_macs(params: ConvParams, out_shape: tuple[int, ...] | None) -> float:
+    if out_shape is None:
+        return math.inf
+    spatial = math.prod(out_shape[2:]) if len(out_shape) > 2 else 1
+    per_output = params.weight.shape[1] * math.prod(params.kernel_size)
+    return float(out_shape[0] * params.out_channels * spatial * per_output)
+

@@ -1,0 +1,183 @@
+"""Relax a captured graph according to planned segments (graph surgery only).
+
+For every segment that merges more than one item (or merges a residual whole) the relaxed graph:
+
+1. drops the activations inside the segment (the one at its end stays);
+2. drops the pruned units (conv and BN), wiring their input straight through;
+3. moves all zero padding of the segment onto the convs that read the segment's input
+   (``p = p1 + s1*p2 + s1*s2*p3 + ...`` per axis) and sets every later conv's padding to 0; a
+   shortcut inside the segment gets a :class:`~fxcompress.modules.Pad` (or padding) that aligns
+   it with the grown intermediate maps;
+4. tags every node of the segment with ``meta["fxcompress.segment"]`` so that :func:`merge`
+   merges the segment into one layer.
+
+The relaxed module computes, in eval mode, exactly what its merged form computes; BatchNorm is
+kept, so it can be fine-tuned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from torch import fx
+
+from ._graph import clone, finalize, install
+from .analysis import Analysis, Item, Residual, Unit
+from .merge import SEGMENT
+from .modules import Pad
+
+__all__ = ["apply_segments"]
+
+
+def apply_segments(
+    gm: fx.GraphModule,
+    analysis: Analysis,
+    segments: Iterable[tuple[str, int, int, tuple[str, ...]]],
+) -> fx.GraphModule:
+    """Return a relaxed copy of ``gm`` with each ``(chain, start, stop, pruned)`` segment relaxed.
+
+    ``gm`` must be the canonicalised graph ``analysis`` was computed from.
+    """
+    gm = clone(gm)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for chain_name, start, stop, pruned in segments:
+        items = analysis.chain(chain_name).items[start:stop]
+        tag = f"{chain_name}:{start}-{stop}"
+        _relax_segment(gm, nodes, items, frozenset(pruned), tag)
+    return finalize(gm)
+
+
+def _relax_segment(
+    gm: fx.GraphModule,
+    nodes: dict[str, fx.Node],
+    items: tuple[Item, ...],
+    pruned: frozenset[str],
+    tag: str,
+) -> None:
+    last = len(items) - 1
+    for i, item in enumerate(items):
+        if isinstance(item, Residual):
+            for u in item.branch_units:
+                _drop(nodes, u.act)
+        if i < last:
+            _drop(nodes, item.act)
+    for item in items:
+        for unit in _path(item):
+            if unit.layer in pruned:
+                _prune(nodes, unit)
+    _relocate(gm, nodes, items, pruned, tag)
+
+
+def _path(item: Item) -> tuple[Unit, ...]:
+    return (item,) if isinstance(item, Unit) else item.branch_units
+
+
+def _drop(nodes: dict[str, fx.Node], name: str | None) -> None:
+    if name is None:
+        return
+    node = nodes[name]
+    node.replace_all_uses_with(node.args[0])
+    node.graph.erase_node(node)
+
+
+def _prune(nodes: dict[str, fx.Node], unit: Unit) -> None:
+    conv = nodes[unit.layer]
+    end = nodes[unit.bn] if unit.bn is not None else conv
+    end.replace_all_uses_with(conv.args[0])
+    if end is not conv:
+        end.graph.erase_node(end)
+    conv.graph.erase_node(conv)
+
+
+def _relocate(
+    gm: fx.GraphModule,
+    nodes: dict[str, fx.Node],
+    items: tuple[Item, ...],
+    pruned: frozenset[str],
+    tag: str,
+) -> None:
+    kept = [u for it in items for u in _path(it) if u.layer not in pruned]
+    if not kept or kept[0].kind != "conv":
+        for it in items:
+            for u in _path(it):
+                _tag(nodes, (u.layer, u.bn), tag)
+        return
+    nd = len(kept[0].kernel_size)
+    # natural border (extra positions per side) of each map, walking back from the segment end
+    e = (0,) * nd
+    plan: list[tuple[Unit, tuple[int, ...], tuple[int, ...]]] = []  # unit, e_in, e_out
+    shortcuts: list[tuple[Residual, tuple[int, ...], tuple[int, ...]]] = []  # res, e_join, e_fork
+    for it in reversed(items):
+        if isinstance(it, Residual):
+            e_join = e
+            for u in reversed(it.branch_units):
+                e = _back(plan, u, e, pruned)
+            shortcuts.append((it, e_join, e))
+        else:
+            e = _back(plan, it, e, pruned)
+    entry = items[0].input
+    zero = (0,) * nd
+    for unit, e_in, e_out in plan:
+        reads_entry = nodes[unit.layer].args[0].name == entry
+        actual_in = zero if reads_entry else e_in
+        pad = tuple(p + s * eo - ai for p, s, eo, ai in
+                    zip(unit.padding, unit.stride, e_out, actual_in))
+        _set_padding(gm, nodes[unit.layer], pad)
+        _tag(nodes, (unit.layer, unit.bn), tag)
+    for res, e_join, e_fork in shortcuts:
+        actual_fork = zero if res.fork == entry else e_fork
+        add = nodes[res.add]
+        _tag(nodes, (res.add,), tag)
+        if res.shortcut is None:
+            amounts = tuple(j - f for j, f in zip(e_join, actual_fork))
+            if any(amounts):
+                fork = nodes[res.fork]
+                with gm.graph.inserting_before(add):
+                    name = install(gm, res.add + "_align", Pad(amounts))
+                    pad_node = gm.graph.call_module(name, (fork,))
+                pad_node.meta[SEGMENT] = tag
+                add.args = tuple(pad_node if a is fork else a for a in add.args)
+            continue
+        sc = res.shortcut
+        pad = tuple(p + s * j - f for p, s, j, f in
+                    zip(sc.padding, sc.stride, e_join, actual_fork))
+        conv = nodes[sc.layer]
+        _tag(nodes, (sc.layer, sc.bn), tag)
+        if all(p >= 0 for p in pad):
+            _set_padding(gm, conv, pad)
+            continue
+        _set_padding(gm, conv, tuple(max(p, 0) for p in pad))
+        with gm.graph.inserting_before(conv):
+            name = install(gm, res.add + "_align", Pad(tuple(min(p, 0) for p in pad)))
+            pad_node = gm.graph.call_module(name, (conv.args[0],))
+        pad_node.meta[SEGMENT] = tag
+        conv.args = (pad_node, *conv.args[1:])
+
+
+def _back(plan: list[Any], unit: Unit, e_out: tuple[int, ...], pruned: frozenset[str]) -> tuple[int, ...]:
+    if unit.layer in pruned:
+        return e_out
+    e_in = tuple(p + s * e for p, s, e in zip(unit.padding, unit.stride, e_out))
+    plan.append((unit, e_in, e_out))
+    return e_in
+
+
+def _tag(nodes: dict[str, fx.Node], names: Iterable[str | None], tag: str) -> None:
+    for name in names:
+        if name is not None and name in nodes:
+            nodes[name].meta[SEGMENT] = tag
+
+
+def _set_padding(gm: fx.GraphModule, node: fx.Node, pad: tuple[int, ...]) -> None:
+    if node.op == "call_module":
+        mod = gm.get_submodule(str(node.target))
+        mod.padding = tuple(int(p) for p in pad)
+        mod._reversed_padding_repeated_twice = [p for p in reversed(pad) for _ in range(2)]
+        return
+    args = list(node.args)
+    if len(args) > 4:
+        args[4] = tuple(pad)
+        node.args = tuple(args)
+    else:
+        node.kwargs = {**node.kwargs, "padding": tuple(pad)}
