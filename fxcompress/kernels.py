@@ -14,6 +14,12 @@ Every function here is pure tensor maths on small value objects (:class:`ConvPar
 * **Precision.** All arithmetic is done in float64; a result is cast back to the dtype (and
   device) of the first operand's weight.
 * **Purity.** Inputs are never mutated, and results never share storage with inputs.
+* **Composability.** ``compose(first, second)`` needs ``second.padding <= 0``, except on axes
+  where ``first`` itself maps an all-padding window to zero (no bias and
+  ``padding >= dilation * (kernel - 1)``, e.g. a zero-pad identity): elsewhere zeros padded onto
+  the intermediate map are not a convolution of the input. ``add_parallel(a, b)`` needs
+  equal strides and ``2 * padding - dilation * (kernel - 1)`` equal per axis, i.e. equal output
+  sizes for every input size. Anything else is rejected, never approximated.
 * **Small results.** The dilation of a result is the gcd of all tap offsets, so dilated or
   strided chains stay dilated and compact; its ``groups`` is the largest block-diagonal channel
   structure implied *structurally* by the operands' groups (never by numerical zeros).
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -51,18 +58,21 @@ _CONV_MODULES: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.C
 
 
 def _int_tuple(name: str, value: int | Sequence[int], ndim: int) -> tuple[int, ...]:
-    """Normalise an int or a sequence of ints to a tuple of length ``ndim``."""
+    """Normalise an int or a sequence of ints to a tuple of ``ndim`` Python ints."""
+    bad = InvalidArgument(f"{name} must be an int or {ndim} ints (one per axis), got {value!r}")
     if isinstance(value, bool):
-        raise InvalidArgument(f"{name} must be an int or a tuple of ints, got {value!r}")
-    if isinstance(value, int):
-        return (value,) * ndim
+        raise bad
     try:
-        items = tuple(value)
+        return (operator.index(value),) * ndim  # type: ignore[arg-type]
     except TypeError:
-        raise InvalidArgument(f"{name} must be an int or a tuple of ints, got {value!r}") from None
-    if len(items) != ndim or not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
-        raise InvalidArgument(f"{name} must be {ndim} ints (one per spatial axis), got {value!r}")
-    return items
+        pass
+    try:
+        items = tuple(value)  # type: ignore[arg-type]
+        if len(items) != ndim or any(isinstance(v, bool) for v in items):
+            raise bad
+        return tuple(operator.index(v) for v in items)
+    except TypeError:
+        raise bad from None
 
 
 def _f64(t: Tensor) -> Tensor:
@@ -692,25 +702,29 @@ def compose(first: ConvParams, second: ConvParams) -> ConvParams:
     first : ConvParams
         Any padding, including negative (a crop).
     second : ConvParams
-        ``second.in_channels == first.out_channels``, same number of spatial axes, and
-        ``padding <= 0`` on every axis.
+        ``second.in_channels == first.out_channels`` and the same number of spatial axes.
+        ``padding <= 0`` (a crop) on every axis, or ``padding > 0`` on an axis where ``first``
+        has no bias and ``first.padding >= first.dilation * (first.kernel_size - 1)``: then
+        every intermediate position that ``second`` pads is one that ``first`` computes as zero
+        from padding alone, so the padding moves onto the input exactly.
 
     Raises
     ------
     ValueError
-        If ``second`` has a positive padding: its zeros would be padded onto the intermediate
-        map, and a zero intermediate value is not a convolution of the input, so no single
-        convolution is equal. Also for mismatched channels or numbers of axes.
+        If ``second`` has a positive padding other than in the case above: its zeros would be
+        padded onto the intermediate map, and such a zero is not a convolution of the input, so
+        no single convolution is equal. Also for mismatched channels or numbers of axes.
 
     Examples
     --------
-    >>> a = ConvParams(torch.randn(4, 1, 3, 3), torch.randn(4), 1, 1, 1, groups=4)
-    >>> b = ConvParams(torch.randn(4, 1, 3, 3), None, 2, 0, 1, groups=4)
+    >>> f64 = torch.float64
+    >>> a = ConvParams(torch.randn(4, 1, 3, 3, dtype=f64), torch.randn(4, dtype=f64), 1, 1, 1, 4)
+    >>> b = ConvParams(torch.randn(4, 1, 3, 3, dtype=f64), None, 2, 0, 1, groups=4)
     >>> c = compose(a, b)
     >>> c.kernel_size, c.stride, c.padding, c.groups
     ((5, 5), (2, 2), (1, 1), 4)
-    >>> x = torch.randn(1, 4, 9, 9)
-    >>> torch.allclose(c.apply(x), b.apply(a.apply(x)), atol=1e-5)
+    >>> x = torch.randn(1, 4, 9, 9, dtype=f64)
+    >>> torch.allclose(c.apply(x), b.apply(a.apply(x)))
     True
     """
     if first.ndim != second.ndim:
@@ -719,11 +733,15 @@ def compose(first: ConvParams, second: ConvParams) -> ConvParams:
         raise InvalidArgument(
             f"first.out_channels={first.out_channels} != second.in_channels={second.in_channels}"
         )
-    if any(p > 0 for p in second.padding):
-        raise InvalidArgument(
-            f"second conv has padding {second.padding}: zero padding of the intermediate map is "
-            "not representable by one convolution of the input (use padding <= 0)"
-        )
+    for ax, pad2 in enumerate(second.padding):
+        reach = first.dilation[ax] * (first.kernel_size[ax] - 1)
+        if pad2 > 0 and (first.bias is not None or first.padding[ax] < reach):
+            why = "has a bias" if first.bias is not None else f"pads {first.padding[ax]} < {reach}"
+            raise InvalidArgument(
+                f"second conv has padding {second.padding}: zero padding of the intermediate map "
+                f"is not representable by one convolution of the input (the first conv {why}, "
+                "so it does not compute zeros there); use padding <= 0 on the second conv"
+            )
     ndim = first.ndim
     k1, k2 = first.kernel_size, second.kernel_size
     stride, padding, dilation, ratio1, ratio2, kernel = [], [], [], [], [], []
@@ -796,12 +814,12 @@ def add_parallel(a: ConvParams, b: ConvParams) -> ConvParams:
     --------
     Fold a residual skip into a centred 3x3 convolution:
 
-    >>> conv = ConvParams(torch.randn(3, 3, 3, 3), None, 1, 1, 1)
+    >>> conv = ConvParams(torch.randn(3, 3, 3, 3, dtype=torch.float64), None, 1, 1, 1)
     >>> skip = add_parallel(conv, identity(3, 2))
-    >>> skip.kernel_size, skip.padding
-    ((3, 3), (1, 1))
-    >>> x = torch.randn(1, 3, 6, 6)
-    >>> torch.allclose(skip.apply(x), conv.apply(x) + x, atol=1e-5)
+    >>> skip.kernel_size, skip.padding, skip.groups
+    ((3, 3), (1, 1), 1)
+    >>> x = torch.randn(1, 3, 6, 6, dtype=torch.float64)
+    >>> torch.allclose(skip.apply(x), conv.apply(x) + x)
     True
     """
     if a.ndim != b.ndim:

@@ -25,7 +25,9 @@ Invariants
   warning, and replaced on the next save; invalid single entries are dropped.
 * Cache files are written atomically (a temporary file in the same directory, then
   :func:`os.replace`), so readers see either the old or the new file, never a partial one. Each
-  write first re-reads the file and keeps the entries other writers added since.
+  write first re-reads the file and keeps the entries other writers added since; only writes
+  racing within that short window can drop each other's new entries, which are then measured
+  again later. Files are not fsynced: after a power cut a damaged file is just rebuilt.
 * Measuring leaves global state as it found it: torch's intra-op thread count is restored, and so
   are the train/eval flags of a module given to :meth:`LatencyTable.measure_module`.
 * Files are JSON only; nothing is ever pickled.
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -88,9 +91,11 @@ ACTIVATIONS: tuple[str, ...] = (
     "elu",
     "mish",
     "prelu",
+    "hardtanh",
 )
 """Activation names an :class:`OpSpec` accepts. ``leaky_relu`` has slope 0.01, ``elu`` alpha 1,
-``gelu`` is the exact (erf) form and ``prelu`` has a single learnable slope."""
+``gelu`` is the exact (erf) form, ``prelu`` has a single learnable slope and ``hardtanh`` clamps to
+[-1, 1]: constant arguments do not change an activation's cost."""
 
 MACS_PER_MS: float = 2e7
 """Analytic model: multiply-accumulates per millisecond (20 GMAC/s, roughly a 2-core CPU)."""
@@ -485,6 +490,7 @@ def _make_activation(name: str) -> nn.Module:
         "elu": lambda: nn.ELU(1.0),
         "mish": nn.Mish,
         "prelu": lambda: nn.PReLU(num_parameters=1, init=0.25),
+        "hardtanh": nn.Hardtanh,
     }
     return factories[name]()
 
@@ -645,10 +651,7 @@ def _atomic_write_json(path: Path, payload: Mapping[str, Any]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(payload, fh, indent=1, sort_keys=True)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+            fh.write(json.dumps(payload, indent=1, sort_keys=True) + "\n")
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -675,7 +678,8 @@ class LatencyTable:
         setting at construction.
     cache_dir : path-like, optional
         Directory of the persistent cache; the file is ``latency-<hash of env>.json`` there. It is
-        read at construction and written after new values (created if missing).
+        read at construction and written after new values (created if missing). Ignored in
+        ``"flops"`` mode, whose values cost less to compute than to cache.
     repeats : int
         Timed runs per op; the median is kept. At least 1.
     warmup : int
@@ -749,21 +753,23 @@ class LatencyTable:
             digest = hashlib.sha256(
                 json.dumps(self._env, sort_keys=True, separators=(",", ":")).encode()
             ).hexdigest()[:16]
+            if mode == "flops":
+                logger.debug("mode 'flops' computes values afresh, ignoring cache_dir")
+                return
             self._cache_path = directory / f"latency-{digest}.json"
             _, entries, problem = _read_cache(self._cache_path, self._env)
             if problem:
-                logger.warning("ignoring bad latency cache: %s %s", self._cache_path, problem)
+                logger.warning("latency cache %s %s", self._cache_path, problem)
             self._entries.update(entries)
             logger.debug("loaded %d latency entries from %s", len(entries), self._cache_path)
 
     def _make_env(self) -> dict[str, Any]:
         device = self._device
+        device_name: str | None = None  # the analytic model is the same everywhere
         if self._mode == "measure" and device.type == "cuda":
-            device_name: str | None = torch.cuda.get_device_name(device)
-        elif device.type == "cpu":
-            device_name = platform.processor() or platform.machine() or None
-        else:
-            device_name = None
+            device_name = torch.cuda.get_device_name(device)
+        elif self._mode == "measure" and device.type == "cpu":
+            device_name = _cpu_name()
         env: dict[str, Any] = {
             "device": str(device),
             "device_name": device_name,
@@ -804,7 +810,7 @@ class LatencyTable:
 
     @property
     def cache_path(self) -> Path | None:
-        """The cache file of this table, or None without a ``cache_dir``."""
+        """The cache file of this table, or None without a ``cache_dir`` or in ``"flops"`` mode."""
         return self._cache_path
 
     @property
@@ -980,7 +986,10 @@ class LatencyTable:
         """
         if path is None:
             if self._cache_path is None:
-                raise InvalidArgument("save() needs a path when the table has no cache_dir")
+                raise InvalidArgument(
+                    "save() needs a path when the table has no cache file (no cache_dir, or mode "
+                    f"'flops'), got path={path!r}"
+                )
             target = self._cache_path
         elif isinstance(path, (str, os.PathLike)):
             target = Path(path)
@@ -1107,6 +1116,17 @@ def _check_device(device: object, *, need_available: bool) -> torch.device:
     if not torch.backends.mps.is_available():
         raise InvalidArgument(f"device {device!r} requested but MPS is not available")
     return torch.device("mps")
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_name() -> str | None:
+    """The CPU model (from /proc/cpuinfo on Linux), else the platform's processor or machine."""
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            name, _, value = line.partition(":")
+            if name.strip() in ("model name", "Model", "Hardware") and value.strip():
+                return value.strip()
+    return platform.processor() or platform.machine() or None
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:

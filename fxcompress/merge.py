@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from ._graph import clone, finalize, install, is_unused, replace_module, shape_of
+from ._graph import clone, finalize, install, shape_of
 from .kernels import ConvParams, LinearParams, add_parallel, compose, compose_linear, fold_bn, identity
 from .modules import Pad
 from .ops import batchnorm_of, is_add, layer_of, pad_of, single_user
@@ -285,14 +285,22 @@ def _emit(
         replaced = [*replaced, end]
         source = start
     module, pad = _to_module(params)
-    old_targets = [str(n.target) for n in replaced if n.op == "call_module"]
     segment = end.meta.get(SEGMENT)
+    others = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == preferred
+              and n not in replaced]
+    is_old = any(n.op == "call_module" and n.target == preferred for n in replaced)
+    if is_old and not others:
+        gm.add_submodule(preferred, module)  # the old module at this path is no longer called
+        name = preferred
+    else:
+        name = install(gm, preferred.replace(".", "_") + ("_site" if is_old else "_merged"),
+                       module)
     with gm.graph.inserting_before(end):
         x = source
         if pad is not None:
             pad_name = install(gm, preferred.replace(".", "_") + "_crop", pad)
             x = gm.graph.call_module(pad_name, (x,))
-        new = gm.graph.call_module("__placeholder__", (x,))
+        new = gm.graph.call_module(name, (x,))
     new.meta = dict(end.meta)
     if segment is not None:
         new.meta[SEGMENT] = segment
@@ -300,13 +308,6 @@ def _emit(
     for n in [end, *reversed([r for r in replaced if r is not end])]:
         if not n.users:
             gm.graph.erase_node(n)
-    target = preferred if preferred in old_targets else None
-    if target is not None and is_unused(gm, target):
-        name = replace_module(gm, target, module)
-    else:
-        name = install(gm, preferred.replace(".", "_") + "_merged" if target is None else preferred,
-                       module)
-    new.target = name
     return name
 
 

@@ -808,6 +808,8 @@ def _track_chain(tables: _Tables, name: str, t: int, out: list) -> None:
         target = table[k][t]
         for stop, options in tables.idx.steps[name][k]:
             rest = table[stop]
+            if not math.isfinite(rest[-1]):  # skipped by the DP as well
+                continue
             for option in options:
                 b = tables.bins[option.uid]
                 if b > t:

@@ -78,6 +78,7 @@ def _drop(nodes: dict[str, fx.Node], name: str | None) -> None:
         return
     node = nodes[name]
     node.replace_all_uses_with(node.args[0])
+    nodes[name] = node.args[0]  # later look-ups of the dropped node find what replaced it
     node.graph.erase_node(node)
 
 
@@ -85,6 +86,9 @@ def _prune(nodes: dict[str, fx.Node], unit: Unit) -> None:
     conv = nodes[unit.layer]
     end = nodes[unit.bn] if unit.bn is not None else conv
     end.replace_all_uses_with(conv.args[0])
+    for name in (unit.layer, unit.bn):
+        if name is not None:
+            nodes[name] = conv.args[0]
     if end is not conv:
         end.graph.erase_node(end)
     conv.graph.erase_node(conv)

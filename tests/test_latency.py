@@ -497,8 +497,7 @@ def test_cache_persists_across_instances(tmp_path, timer):
 def test_cache_file_depends_on_environment(tmp_path, timer):
     a = LatencyTable(cache_dir=tmp_path, threads=1)
     b = LatencyTable(cache_dir=tmp_path, threads=2)
-    c = LatencyTable(cache_dir=tmp_path, mode="flops", threads=1)
-    assert len({a.cache_path, b.cache_path, c.cache_path}) == 3
+    assert a.cache_path != b.cache_path
     a(ACT)
     LatencyTable(cache_dir=tmp_path, threads=2)(ACT)
     assert len(timer.calls) == 2  # threads=2 did not reuse the threads=1 value
@@ -506,8 +505,22 @@ def test_cache_file_depends_on_environment(tmp_path, timer):
     assert a.env["device"] == "cpu"
 
 
+def test_flops_mode_ignores_cache_dir(tmp_path, monkeypatch):
+    forbid_timing(monkeypatch)
+    table = LatencyTable(mode="flops", cache_dir=tmp_path / "cache")
+    assert table.cache_path is None
+    table.many([CONV, ACT])
+    assert not (tmp_path / "cache").exists()
+    assert table.env["flops_model"] == {
+        "bytes_per_ms": latency.BYTES_PER_MS,
+        "macs_per_ms": latency.MACS_PER_MS,
+        "overhead_ms": latency.OVERHEAD_MS,
+    }
+
+
 @pytest.mark.parametrize(
-    ("field", "value"), [("torch", "0.0.1"), ("threads", 99), ("device", "cuda:0")]
+    ("field", "value"),
+    [("torch", "0.0.1"), ("threads", 99), ("device", "cuda:0"), ("device_name", "Other CPU")],
 )
 def test_cache_from_another_environment_is_ignored(tmp_path, timer, caplog, field, value):
     table = LatencyTable(cache_dir=tmp_path)
@@ -542,7 +555,7 @@ def test_corrupted_cache_warns_and_is_rebuilt(tmp_path, timer, caplog, content):
     path.write_text(content)
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         table = LatencyTable(cache_dir=tmp_path)
-    assert "ignoring bad latency cache" in caplog.text
+    assert str(path) in caplog.text
     assert len(table.entries) == 0
     assert table(ACT) == 1.0
     data = json.loads(path.read_text())
