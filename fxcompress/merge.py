@@ -199,7 +199,10 @@ def _branch(gm: fx.GraphModule, node: fx.Node, add: fx.Node) -> tuple[fx.Node, C
         crop = _pad_as_conv(gm, source, layer.in_channels, layer.weight.dtype)
         if crop is not None and single_user(source) is node:
             # Pad(x) -> conv: a relocated projection shortcut; the pad is folded in too
-            return source.args[0], compose(crop, layer), True
+            try:
+                return source.args[0], compose(crop, layer), True
+            except ValueError:
+                return None
         return source, layer, True
     shape = shape_of(node.args[0])
     crop = _pad_as_conv(gm, node, shape[1] if shape else 0, _dtype(node))
@@ -227,21 +230,20 @@ def _try_add(gm: fx.GraphModule, add: fx.Node, only_if_cheaper: bool) -> Event |
     if not is_add(add):
         return None
     u, v = add.args
-    if shape_of(u) is None or shape_of(u) != shape_of(v):
-        return None  # broadcasting add, or unknown shapes
-    bu, bv = _branch(gm, u, add), _branch(gm, v, add)
-    if bu is None and bv is None:
-        return None
     shape = shape_of(u)
-    assert shape is not None
-    if bu is None or bv is None:
-        conv_side, other = (bu, v) if bu is not None else (bv, u)
-        assert conv_side is not None
-        if conv_side[0] is not other or len(shape) < 3:
+    if shape is None or shape != shape_of(v):
+        return None  # broadcasting add, or unknown shapes
+    views = [(n, _branch(gm, n, add)) for n in (u, v)]
+    if all(view is None for _, view in views):
+        return None
+    if any(view is None for _, view in views):
+        (conv_node, conv_view), (other, _) = sorted(views, key=lambda nv: nv[1] is None)
+        assert conv_view is not None
+        if conv_view[0] is not other or len(shape) < 3:
             return None  # not a skip around this conv
-        dtype = add.meta["tensor_meta"].dtype
-        bu, bv = conv_side, (other, identity(shape[1], len(shape) - 2, dtype=dtype), False)
-    (xu, cu, eu), (xv, cv, ev) = bu, bv
+        skip = identity(shape[1], len(shape) - 2, dtype=_dtype(add))
+        views = [(conv_node, conv_view), (other, (other, skip, False))]
+    (nu, (xu, cu, eu)), (nv, (xv, cv, ev)) = views  # type: ignore[misc]
     if xu is not xv:
         return None  # the two branches read different tensors
     try:
@@ -249,14 +251,15 @@ def _try_add(gm: fx.GraphModule, add: fx.Node, only_if_cheaper: bool) -> Event |
     except ValueError as exc:
         logger.debug("not folding %s: %s", add.name, exc)
         return None
-    forced = _same_segment(u, add) or _same_segment(v, add)
+    forced = _same_segment(nu, add) or _same_segment(nv, add)
     if only_if_cheaper and not forced:
         before = _conv_macs(cu, shape) + _conv_macs(cv, shape)
         if _conv_macs(merged, shape) > before:
             return None
-    conv_nodes = [n for n, erase in ((u, eu), (v, ev)) if erase and layer_of(gm, n) is not None]
-    hint = _name_hint(conv_nodes[0]) if conv_nodes else add.name
-    name = _emit(gm, xu, add, merged, preferred=hint, replaced=[n for n, e in ((u, eu), (v, ev)) if e])
+    replaced = [n for n, erase in ((nu, eu), (nv, ev)) if erase]
+    convs = [n for n in replaced if layer_of(gm, n) is not None]
+    hint = _name_hint(convs[0]) if convs else add.name
+    name = _emit(gm, xu, add, merged, preferred=hint, replaced=replaced)
     return {"kind": "fold_skip", "add": add.name, "branches": [_name_hint(n) for n in (u, v)],
             "into": name}
 

@@ -490,9 +490,7 @@ def one(key: str = "k", latency: float = 1.0, damage: float = 0.0, sub=()) -> Se
         (lambda: Problem([Chain("c", 1, [one(sub=("d",))])]), "unknown chain 'd'"),
         (lambda: Problem([Chain("c", 1, [one(sub=("c",))])]), "cycle"),
         (
-            lambda: Problem(
-                [Chain("c", 1, [one(sub=("d",))]), Chain("d", 1, [one(sub=("c",))])]
-            ),
+            lambda: Problem([Chain("c", 1, [one(sub=("d",))]), Chain("d", 1, [one(sub=("c",))])]),
             "cycle",
         ),
         (
