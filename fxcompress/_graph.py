@@ -22,13 +22,23 @@ def clone(gm: fx.GraphModule) -> fx.GraphModule:
     return new
 
 
+def shallow_clone(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` with its own graph but the same submodule objects (cheap).
+
+    A rewrite working on a shallow clone must not mutate a submodule; it installs a new one.
+    """
+    new = fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
+    new.meta = copy.deepcopy(gm.meta)
+    return new
+
+
 def finalize(gm: fx.GraphModule) -> fx.GraphModule:
     """End every surgery the same way: DCE, drop unused submodules, lint, recompile."""
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
     try:
         gm.graph.lint()
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise RewriteError(f"rewritten graph failed lint: {exc}") from exc
     gm.recompile()
     return gm

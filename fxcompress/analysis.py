@@ -196,13 +196,13 @@ def analyze(gm: fx.GraphModule) -> Analysis:
     for node in gm.graph.nodes:
         if node.op in ("call_module", "call_function", "call_method") and not _covered(
             node.name, items
-        ):
-            if not any(node.name == k for k, _ in kept):
-                kept.append((node.name, "not part of a mergeable chain"))
+        ) and not any(node.name == k for k, _ in kept):
+            kept.append((node.name, "not part of a mergeable chain"))
     ordered = sorted(chains, key=lambda c: _order(c, nodes))
     named = [Chain(f"chain{i}", c.items) for i, c in enumerate(ordered)]
-    return Analysis(tuple(named + sorted(branch_chains, key=lambda c: _order(c, nodes))),
-                    tuple(kept))
+    return Analysis(
+        tuple(named + sorted(branch_chains, key=lambda c: _order(c, nodes))), tuple(kept)
+    )
 
 
 def _order(chain: Chain, nodes: dict[str, fx.Node]) -> int:
@@ -264,8 +264,10 @@ def _unit_at(gm: fx.GraphModule, node: fx.Node, shared: set[str], kept: list) ->
     user = single_user(out)
     if user is not None and batchnorm_of(gm, user) is not None:
         mod = batchnorm_of(gm, user)
-        if mod is not None and mod.num_features == layer.weight.shape[0] and (
-            isinstance(layer, ConvParams) or len(out_shape) == 2
+        if (
+            mod is not None
+            and mod.num_features == layer.weight.shape[0]
+            and (isinstance(layer, ConvParams) or len(out_shape) == 2)
         ):
             bn, out = user, user
     act = None
@@ -277,7 +279,12 @@ def _unit_at(gm: fx.GraphModule, node: fx.Node, shared: set[str], kept: list) ->
         cin, cout = layer.weight.shape[1], layer.weight.shape[0]
     else:
         kind, k, s, p, d, g = (
-            "conv", layer.kernel_size, layer.stride, layer.padding, layer.dilation, layer.groups
+            "conv",
+            layer.kernel_size,
+            layer.stride,
+            layer.padding,
+            layer.dilation,
+            layer.groups,
         )
         cin, cout = layer.in_channels, layer.out_channels
     return Unit(
@@ -320,7 +327,9 @@ def _path_back(
         node = inp
 
 
-def _residual_at(node: fx.Node, units: dict[str, Unit], nodes: dict[str, fx.Node]) -> Residual | None:
+def _residual_at(
+    node: fx.Node, units: dict[str, Unit], nodes: dict[str, fx.Node]
+) -> Residual | None:
     if not is_add(node):
         return None
     u, v = node.args
@@ -443,8 +452,17 @@ def geometry(items: tuple[Item, ...], pruned: frozenset[str] = frozenset()) -> G
     if units[0].kind == "linear":
         if any(u.kind != "linear" for u in units) or len(set(map(type, items))) != 1:
             return None
-        return Geometry("linear", units[0].in_channels, units[-1].out_channels, (), (), (), 1,
-                        first.input_shape, last.output_shape)
+        return Geometry(
+            "linear",
+            units[0].in_channels,
+            units[-1].out_channels,
+            (),
+            (),
+            (),
+            1,
+            first.input_shape,
+            last.output_shape,
+        )
     nd = len(units[0].kernel_size)
     extent = [1] * nd
     stride = [1] * nd

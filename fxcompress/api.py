@@ -9,7 +9,6 @@ Budgets below 1 need all stages; ``budget=1.0`` only runs the function-preservin
 
 from __future__ import annotations
 
-
 import json
 import logging
 import math
@@ -30,7 +29,13 @@ from .errors import InfeasibleBudget, InvalidArgument, RewriteError
 from .importance import Calibration, Candidate, score_candidates
 from .latency import LatencyTable, OpSpec
 from .merge import merge
-from .planning import baseline_latency, build_problem, enumerate_options
+from .planning import (
+    baseline_latency,
+    build_problem,
+    enumerate_options,
+    item_latency,
+    option_latency,
+)
 from .relax import apply_segments
 from .report import Report, count_macs, count_params
 
@@ -56,17 +61,29 @@ class Budget:
     speedup: float | None = None
 
     def __post_init__(self) -> None:
-        given = {k: v for k, v in (("fraction", self.fraction), ("latency_ms", self.latency_ms),
-                                   ("speedup", self.speedup)) if v is not None}
+        given = {
+            k: v
+            for k, v in (
+                ("fraction", self.fraction),
+                ("latency_ms", self.latency_ms),
+                ("speedup", self.speedup),
+            )
+            if v is not None
+        }
         if len(given) != 1:
-            raise InvalidArgument(f"Budget takes exactly one of fraction, latency_ms, speedup; "
-                                  f"got {given or 'none'}")
-        (name, value), = given.items()
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-            math.isfinite(value) and value > 0
+            raise InvalidArgument(
+                f"Budget takes exactly one of fraction, latency_ms, speedup; got {given or 'none'}"
+            )
+        ((name, value),) = given.items()
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not (math.isfinite(value) and value > 0)
         ):
-            raise InvalidArgument(f"Budget {name} must be a positive finite number, got "
-                                  f"{name}={value!r} (type={type(value).__name__})")
+            raise InvalidArgument(
+                f"Budget {name} must be a positive finite number, got "
+                f"{name}={value!r} (type={type(value).__name__})"
+            )
         if name == "fraction" and value > 1:
             raise InvalidArgument(f"Budget fraction must be in (0, 1], got fraction={value!r}")
         if name == "speedup" and value < 1:
@@ -168,7 +185,9 @@ def _inputs_for(example_inputs: Any, data: Iterable[Any] | None) -> tuple[Any, .
         try:
             return split_batch(batch)[0]
         except TypeError as exc:
-            raise InvalidArgument(f"data batches must be tensors or (inputs, targets): {exc}") from exc
+            raise InvalidArgument(
+                f"data batches must be tensors or (inputs, targets): {exc}"
+            ) from exc
     raise InvalidArgument("data is empty and example_inputs is not given: nothing to trace with")
 
 
@@ -177,17 +196,22 @@ def _check_methods(methods: Sequence[str]) -> tuple[str, ...]:
         methods = (methods,)
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
-        raise InvalidArgument(f"methods must be a non-empty subset of {METHODS}, got "
-                              f"methods={tuple(methods)!r}")
+        raise InvalidArgument(
+            f"methods must be a non-empty subset of {METHODS}, got methods={tuple(methods)!r}"
+        )
     return tuple(methods)
 
 
-def _latency_table(latency: Any, device: str, cache_dir: Any, progress: bool | None) -> LatencyTable:
+def _latency_table(
+    latency: Any, device: str, cache_dir: Any, progress: bool | None
+) -> LatencyTable:
     if isinstance(latency, LatencyTable):
         return latency
     if latency not in ("measure", "flops"):
-        raise InvalidArgument(f"latency must be 'measure', 'flops' or a LatencyTable, got "
-                              f"latency={latency!r} (type={type(latency).__name__})")
+        raise InvalidArgument(
+            f"latency must be 'measure', 'flops' or a LatencyTable, got "
+            f"latency={latency!r} (type={type(latency).__name__})"
+        )
     return LatencyTable(mode=latency, device=device, cache_dir=cache_dir, progress=progress)
 
 
@@ -221,8 +245,10 @@ def _check(reference: nn.Module, result: nn.Module, inputs: tuple[Any, ...], wha
     with torch.no_grad():
         err = _max_rel_error(result(*inputs), reference(*inputs))
     if not err <= _tolerance(inputs):
-        raise RewriteError(f"{what} changed the model's outputs (max relative error {err:.3g}); "
-                           "this is a bug in fxcompress, please report it")
+        raise RewriteError(
+            f"{what} changed the model's outputs (max relative error {err:.3g}); "
+            "this is a bug in fxcompress, please report it"
+        )
     return err
 
 
@@ -282,21 +308,38 @@ def make_plan(
     else:
         original = baseline + _rest_estimate(gm, analysis, table, dtype)
     fixed = max(0.0, original - baseline)
+
+    # an option no faster than keeping its items as they are can never be chosen (damage >= 0)
+    options = [
+        o
+        for o in options
+        if not o.needs_score
+        or option_latency(o, analysis, table, dtype) < _kept_latency(o, analysis, table, dtype)
+    ]
     timings["latency"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     calib = Calibration.from_data(data, inputs, max_batches=calibration_batches)
-    candidates = [Candidate(o.chain, o.start, o.stop, o.key, o.pruned)
-                  for o in options if o.needs_score]
-    scores = score_candidates(gm, analysis, candidates, calib, loss_fn=loss_fn,
-                              candidate_finetune=candidate_finetune, executor=executor,
-                              progress=progress)
+    candidates = [
+        Candidate(o.chain, o.start, o.stop, o.key, o.pruned) for o in options if o.needs_score
+    ]
+    scores = score_candidates(
+        gm,
+        analysis,
+        candidates,
+        calib,
+        loss_fn=loss_fn,
+        candidate_finetune=candidate_finetune,
+        executor=executor,
+        progress=progress,
+    )
     timings["importance"] = time.perf_counter() - t0
 
     # opaque parts keep their latency; the planner sees them as a fixed cost
     problem = build_problem(analysis, options, scores, table, dtype=dtype, fixed_latency=fixed)
-    prepared = _Prepared(problem, tuple(options), original, inputs, tuple(map(str, leaf_modules)),
-                         resolution)
+    prepared = _Prepared(
+        problem, tuple(options), original, inputs, tuple(map(str, leaf_modules)), resolution
+    )
     if _keep is not None:
         _keep.append(prepared)
     return _solve(prepared, b.fraction_of(original) * original, timings)
@@ -329,14 +372,22 @@ def _solve(prep: _Prepared, target: float, timings: dict[str, float]) -> Plan:
 
     pruned_of = {o.id: o.pruned for o in prep.options}
     segs = [
-        (d.chain, d.start, d.stop, d.key,
-         tuple(pruned_of.get(f"{d.chain}:{d.start}-{d.stop}:{d.key}", ())))
+        (
+            d.chain,
+            d.start,
+            d.stop,
+            d.key,
+            tuple(pruned_of.get(f"{d.chain}:{d.start}-{d.stop}:{d.key}", ())),
+        )
         for d in solution.decisions
     ]
     return Plan(
         segments=tuple(segs),
-        input_shapes=tuple((tuple(t.shape), str(t.dtype).replace("torch.", ""))
-                           for t in prep.inputs if isinstance(t, torch.Tensor)),
+        input_shapes=tuple(
+            (tuple(t.shape), str(t.dtype).replace("torch.", ""))
+            for t in prep.inputs
+            if isinstance(t, torch.Tensor)
+        ),
         budget_ms=target,
         predicted_ms=solution.latency,
         original_ms=original,
@@ -346,7 +397,14 @@ def _solve(prep: _Prepared, target: float, timings: dict[str, float]) -> Plan:
     )
 
 
-def _rest_estimate(gm: fx.GraphModule, analysis: Analysis, table: LatencyTable, dtype: str) -> float:
+def _kept_latency(opt: Any, analysis: Analysis, table: LatencyTable, dtype: str) -> float:
+    items = analysis.chain(opt.chain).items[opt.start : opt.stop]
+    return sum(item_latency(it, table, dtype) for it in items)
+
+
+def _rest_estimate(
+    gm: fx.GraphModule, analysis: Analysis, table: LatencyTable, dtype: str
+) -> float:
     """Analytic cost of the nodes outside chains: one elementwise pass over each output."""
     from ._graph import shape_of
     from .analysis import _units_of
@@ -392,8 +450,10 @@ def relax(model: nn.Module, plan: Plan, example_inputs: Any = None) -> fx.GraphM
     """
     if not isinstance(plan, Plan):
         raise InvalidArgument(f"plan must be a fxcompress.Plan, got {type(plan).__name__}")
-    inputs = normalize_inputs(example_inputs) if example_inputs is not None else tuple(
-        torch.zeros(s, dtype=getattr(torch, d)) for s, d in plan.input_shapes
+    inputs = (
+        normalize_inputs(example_inputs)
+        if example_inputs is not None
+        else tuple(torch.zeros(s, dtype=getattr(torch, d)) for s, d in plan.input_shapes)
     )
     gm = canonicalize(capture(model, inputs, leaf_modules=plan.leaf_modules))
     analysis = analyze(gm)
@@ -495,8 +555,10 @@ def optimize(
     """
     b = _check_budget(budget)
     if not isinstance(model, nn.Module):
-        raise InvalidArgument(f"model must be a torch.nn.Module, got model={model!r:.80} "
-                              f"(type={type(model).__name__})")
+        raise InvalidArgument(
+            f"model must be a torch.nn.Module, got model={model!r:.80} "
+            f"(type={type(model).__name__})"
+        )
     methods = _check_methods(methods)
     inputs = _inputs_for(example_inputs, data)
     table = _latency_table(latency, device or _device_of(model), cache_dir, progress)
@@ -504,9 +566,12 @@ def optimize(
 
     t0 = time.perf_counter()
     gm = canonicalize(capture(model, inputs, leaf_modules=leaf_modules))
-    report = Report(budget=b.fraction if b.fraction is not None else float("nan"),
-                    latency_mode=table.mode, params_before=count_params(gm),
-                    macs_before=count_macs(gm))
+    report = Report(
+        budget=b.fraction if b.fraction is not None else float("nan"),
+        latency_mode=table.mode,
+        params_before=count_params(gm),
+        macs_before=count_macs(gm),
+    )
     report.events = list(gm.meta.get("fxcompress.events", []))
     timings["capture"] = time.perf_counter() - t0
 
@@ -518,21 +583,34 @@ def optimize(
             report.max_rel_error = _check(gm, result, inputs, "merge")
         report.kept = [list(k) for k in analyze(gm).kept]
     else:
-        result, relaxed, plan = _optimize_below_one(
-            model, b, inputs, data=data, loss_fn=loss_fn, finetune=finetune, table=table,
-            methods=methods, check=check, progress=progress,
-            calibration_batches=calibration_batches, executor=executor,
-            candidate_finetune=candidate_finetune, leaf_modules=leaf_modules,
-            max_replans=max_replans, report=report, timings=timings,
+        result, _relaxed, plan = _optimize_below_one(
+            model,
+            b,
+            inputs,
+            data=data,
+            loss_fn=loss_fn,
+            finetune=finetune,
+            table=table,
+            methods=methods,
+            check=check,
+            progress=progress,
+            calibration_batches=calibration_batches,
+            executor=executor,
+            candidate_finetune=candidate_finetune,
+            leaf_modules=leaf_modules,
+            max_replans=max_replans,
+            report=report,
+            timings=timings,
         )
         report.predicted_ms = plan.predicted_ms
         report.damage = plan.damage
-        report.decisions = [{"chain": c, "start": s, "stop": e, "key": k, "pruned": list(p)}
-                            for c, s, e, k, p in plan.segments]
+        report.decisions = [
+            {"chain": c, "start": s, "stop": e, "key": k, "pruned": list(p)}
+            for c, s, e, k, p in plan.segments
+        ]
         report.original_ms = plan.original_ms
         report.kept = [list(k) for k in analyze(gm).kept]
-    report.events += [e for e in result.meta.get("fxcompress.events", [])
-                      if e not in report.events]
+    report.events += [e for e in result.meta.get("fxcompress.events", []) if e not in report.events]
     report.params_after = count_params(result)
     report.macs_after = count_macs(result)
     if report.original_ms is None:
@@ -558,7 +636,7 @@ def _optimize_below_one(
     timings: dict[str, float],
     **kw: Any,
 ) -> tuple[fx.GraphModule, fx.GraphModule, Plan]:
-    kw_plan = {k: v for k, v in kw.items()}
+    kw_plan = dict(kw.items())
     budget: Budget = b
     keep: list[_Prepared] = []
     plan = make_plan(model, budget, inputs, latency=table, _timings=timings, _keep=keep, **kw_plan)
@@ -580,8 +658,9 @@ def _optimize_below_one(
             break
         tighter = plan.budget_ms * goal / measured
         report.replans.append({"measured_ms": measured, "goal_ms": goal, "new_budget_ms": tighter})
-        logger.info("measured %.3f ms misses %.3f ms; re-planning for %.3f ms", measured, goal,
-                    tighter)
+        logger.info(
+            "measured %.3f ms misses %.3f ms; re-planning for %.3f ms", measured, goal, tighter
+        )
         try:
             plan = _solve(keep[0], tighter, timings)
         except InfeasibleBudget:
@@ -598,5 +677,3 @@ def _optimize_below_one(
         if table.mode == "measure":
             report.final_ms = table.measure_module(result, inputs)
     return result, relaxed, plan
-
-

@@ -65,7 +65,9 @@ def canonicalize(gm: fx.GraphModule, *, drop_dropout: bool = True) -> fx.GraphMo
         if _is_canonical(node, spec.name):
             continue
         source = node.args[0]
-        if is_inplace(gm, node) and any(order[u] > order[node] for u in source.users if u is not node):
+        if is_inplace(gm, node) and any(
+            order[u] > order[node] for u in source.users if u is not node
+        ):
             logger.debug("keeping in-place %s: its input is read again afterwards", node.name)
             continue
         with gm.graph.inserting_before(node):

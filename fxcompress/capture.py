@@ -127,7 +127,7 @@ def capture(
     tracer = _Tracer(leaf_types, leaf_names)
     try:
         graph = tracer.trace(copied)
-    except Exception as exc:  # noqa: BLE001 - any tracing failure is reported the same way
+    except Exception as exc:
         raise _capture_error(exc, tracer, copied) from exc
     gm = fx.GraphModule(copied, graph, class_name=type(model).__name__)
     propagate_shapes(gm, inputs)
@@ -157,7 +157,7 @@ def propagate_shapes(gm: fx.GraphModule, inputs: tuple[Any, ...]) -> None:
     try:
         with torch.no_grad():
             ShapeProp(gm).propagate(*inputs)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise CaptureError(
             f"the traced model failed on the example inputs: {type(exc).__name__}: {exc}. "
             "Check that example_inputs have the shapes and dtypes the model expects."

@@ -36,8 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     print(exact.meta["fxcompress"].to_markdown())
 
     data = [torch.randn(4, 3, args.size, args.size) for _ in range(2)]
-    compressed = fxcompress.optimize(model, args.budget, example_inputs=x, data=data,
-                                     latency=args.latency, progress=True)
+    compressed = fxcompress.optimize(
+        model, args.budget, example_inputs=x, data=data, latency=args.latency, progress=True
+    )
     print(f"\n## budget {args.budget}\n")
     print(compressed.meta["fxcompress"].to_markdown())
     return 0

@@ -17,6 +17,7 @@ would have to be shipped), and finished scores can be kept in a JSON file to res
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -33,7 +34,7 @@ from torch import fx
 from .analysis import Analysis
 from .relax import apply_segments
 
-__all__ = ["Candidate", "Calibration", "score_candidates"]
+__all__ = ["Calibration", "Candidate", "score_candidates"]
 
 logger = logging.getLogger("fxcompress.importance")
 
@@ -133,7 +134,8 @@ class _Scorer:
                 env = {
                     n: self.envs[i][n.name]
                     for n in relaxed.graph.nodes
-                    if n.op != "output" and self.order.get(n.name, cut + 1) <= cut
+                    if n.op != "output"
+                    and self.order.get(n.name, cut + 1) <= cut
                     and n.name in self.envs[i]
                 }
                 out = fx.Interpreter(relaxed).run(*x, initial_env=env)
@@ -160,7 +162,7 @@ class _Recorder(fx.Interpreter):
 
 
 def _first_node(analysis: Analysis, cand: Candidate, gm: fx.GraphModule) -> str:
-    items = analysis.chain(cand.chain).items[cand.start:cand.stop]
+    items = analysis.chain(cand.chain).items[cand.start : cand.stop]
     return items[0].input
 
 
@@ -233,10 +235,12 @@ def score_candidates(
             for c in todo:
                 relaxed = relaxed_of(c)
                 if candidate_finetune is not None:
+                    relaxed = copy.deepcopy(relaxed)  # relaxed shares modules with ``gm``
                     candidate_finetune(relaxed)
                     relaxed.eval()
-                    done[c.id] = _remote_damage(relaxed, calib, scorer.reference,
-                                                scorer.base_loss, scorer.loss_fn)
+                    done[c.id] = _remote_damage(
+                        relaxed, calib, scorer.reference, scorer.base_loss, scorer.loss_fn
+                    )
                 else:
                     done[c.id] = scorer.damage(relaxed, _first_node(analysis, c, gm))
                 _save(checkpoint, done)
@@ -246,10 +250,15 @@ def score_candidates(
             for c in todo:
                 relaxed = relaxed_of(c)
                 if candidate_finetune is not None:
+                    relaxed = copy.deepcopy(relaxed)  # relaxed shares modules with ``gm``
                     candidate_finetune(relaxed)
                     relaxed.eval()
                 futures[c.id] = executor.submit(
-                    _remote_damage, relaxed, calib, scorer.reference, scorer.base_loss,
+                    _remote_damage,
+                    relaxed,
+                    calib,
+                    scorer.reference,
+                    scorer.base_loss,
                     scorer.loss_fn,
                 )
             for cid, fut in futures.items():

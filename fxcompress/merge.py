@@ -26,7 +26,15 @@ import torch
 from torch import fx, nn
 
 from ._graph import clone, finalize, install, shape_of
-from .kernels import ConvParams, LinearParams, add_parallel, compose, compose_linear, fold_bn, identity
+from .kernels import (
+    ConvParams,
+    LinearParams,
+    add_parallel,
+    compose,
+    compose_linear,
+    fold_bn,
+    identity,
+)
 from .modules import Pad
 from .ops import batchnorm_of, is_add, layer_of, pad_of, single_user
 
@@ -137,8 +145,9 @@ def _fold_all_bn(gm: fx.GraphModule) -> list[Event]:
             eps=bn.eps,
         )
         name = _emit(gm, producer, node, folded, preferred=_name_hint(producer))
-        events.append({"kind": "fold_bn", "layer": _name_hint(producer), "bn": str(node.target),
-                       "into": name})
+        events.append(
+            {"kind": "fold_bn", "layer": _name_hint(producer), "bn": str(node.target), "into": name}
+        )
     return events
 
 
@@ -165,12 +174,16 @@ def _try_chain(gm: fx.GraphModule, node: fx.Node, only_if_cheaper: bool) -> Even
             return None  # the product matrix is larger than the factorised pair
         name = _emit(gm, prev, node, merged_lin, preferred=_name_hint(prev))
         return {"kind": "merge", "layers": [_name_hint(prev), _name_hint(node)], "into": name}
-    assert isinstance(first, ConvParams) and isinstance(second, ConvParams)
-    if any(p != 0 for p in second.padding):
-        return None  # zero padding of the intermediate map is not expressible in one conv
+    assert isinstance(first, ConvParams)
+    assert isinstance(second, ConvParams)
     if first.ndim != second.ndim:
         return None
-    merged = compose(first, second)
+    try:
+        merged = compose(first, second)
+    except ValueError as exc:
+        # typically: zero padding of the intermediate map is not expressible in one conv
+        logger.debug("not merging %s into %s: %s", prev.name, node.name, exc)
+        return None
     if only_if_cheaper and not forced:
         cost_before = _conv_macs(first, shape_of(prev)) + _conv_macs(second, shape_of(node))
         if _conv_macs(merged, shape_of(node)) > cost_before:
@@ -189,7 +202,9 @@ def _try_chain(gm: fx.GraphModule, node: fx.Node, only_if_cheaper: bool) -> Even
 # --------------------------------------------------------------------------- skip folding
 
 
-def _branch(gm: fx.GraphModule, node: fx.Node, add: fx.Node) -> tuple[fx.Node, ConvParams, bool] | None:
+def _branch(
+    gm: fx.GraphModule, node: fx.Node, add: fx.Node
+) -> tuple[fx.Node, ConvParams, bool] | None:
     """View one input of ``add`` as ``(input, conv, erasable)``."""
     if single_user(node) is not add or not node.args or not isinstance(node.args[0], fx.Node):
         return None
@@ -260,8 +275,12 @@ def _try_add(gm: fx.GraphModule, add: fx.Node, only_if_cheaper: bool) -> Event |
     convs = [n for n in replaced if layer_of(gm, n) is not None]
     hint = _name_hint(convs[0]) if convs else add.name
     name = _emit(gm, xu, add, merged, preferred=hint, replaced=replaced)
-    return {"kind": "fold_skip", "add": add.name, "branches": [_name_hint(n) for n in (u, v)],
-            "into": name}
+    return {
+        "kind": "fold_skip",
+        "add": add.name,
+        "branches": [_name_hint(n) for n in (u, v)],
+        "into": name,
+    }
 
 
 # --------------------------------------------------------------------------- emission
@@ -289,15 +308,17 @@ def _emit(
         source = start
     module, pad = _to_module(params)
     segment = end.meta.get(SEGMENT)
-    others = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == preferred
-              and n not in replaced]
+    others = [
+        n
+        for n in gm.graph.nodes
+        if n.op == "call_module" and n.target == preferred and n not in replaced
+    ]
     is_old = any(n.op == "call_module" and n.target == preferred for n in replaced)
     if is_old and not others:
         gm.add_submodule(preferred, module)  # the old module at this path is no longer called
         name = preferred
     else:
-        name = install(gm, preferred.replace(".", "_") + ("_site" if is_old else "_merged"),
-                       module)
+        name = install(gm, preferred.replace(".", "_") + ("_site" if is_old else "_merged"), module)
     with gm.graph.inserting_before(end):
         x = source
         if pad is not None:
@@ -320,9 +341,14 @@ def _to_module(params: ConvParams | LinearParams) -> tuple[nn.Module, Pad | None
     if all(p >= 0 for p in params.padding):
         return params.to_module(), None
     crop = tuple(min(p, 0) for p in params.padding)
-    rest = ConvParams(params.weight, params.bias, stride=params.stride,
-                      padding=tuple(max(p, 0) for p in params.padding),
-                      dilation=params.dilation, groups=params.groups)
+    rest = ConvParams(
+        params.weight,
+        params.bias,
+        stride=params.stride,
+        padding=tuple(max(p, 0) for p in params.padding),
+        dilation=params.dilation,
+        groups=params.groups,
+    )
     return rest.to_module(), Pad(crop)
 
 
@@ -341,4 +367,3 @@ def _conv_macs(params: ConvParams, out_shape: tuple[int, ...] | None) -> float:
     spatial = math.prod(out_shape[2:]) if len(out_shape) > 2 else 1
     per_output = params.weight.shape[1] * math.prod(params.kernel_size)
     return float(out_shape[0] * params.out_channels * spatial * per_output)
-

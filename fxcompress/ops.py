@@ -23,8 +23,8 @@ from .modules import Pad
 __all__ = [
     "ACTIVATIONS",
     "ActivationSpec",
-    "activation_of",
     "activation_function",
+    "activation_of",
     "batchnorm_of",
     "is_add",
     "layer_of",

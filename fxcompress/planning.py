@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 from .analysis import Analysis, Chain, Geometry, Item, Residual, Unit, segment_options
 from .latency import OpSpec
-from .planner import Choice, Problem, Segment
 from .planner import Chain as PChain
+from .planner import Choice, Problem, Segment
 
 __all__ = ["SegmentOption", "build_problem", "enumerate_options", "item_latency"]
 
@@ -61,8 +61,11 @@ def enumerate_options(analysis: Analysis, *, prune: bool) -> list[SegmentOption]
                 for opt in options:
                     if opt.pruned and not prune:
                         continue
-                    out.append(SegmentOption(chain.name, start, stop, opt.key, opt.pruned,
-                                             opt.geometry, last_act))
+                    out.append(
+                        SegmentOption(
+                            chain.name, start, stop, opt.key, opt.pruned, opt.geometry, last_act
+                        )
+                    )
     return out
 
 
@@ -72,21 +75,49 @@ def _act_kind(item: Item) -> str | None:
 
 def _unit_spec(u: Unit, dtype: str, act: str | None) -> OpSpec:
     if u.kind == "linear":
-        return OpSpec(kind="linear", input_shape=u.input_shape, dtype=dtype,
-                      out_channels=u.out_channels, activation=act)
-    return OpSpec(kind="conv", input_shape=u.input_shape, dtype=dtype,
-                  out_channels=u.out_channels, kernel_size=u.kernel_size, stride=u.stride,
-                  padding=u.padding, dilation=u.dilation, groups=u.groups, activation=act)
+        return OpSpec(
+            kind="linear",
+            input_shape=u.input_shape,
+            dtype=dtype,
+            out_channels=u.out_channels,
+            activation=act,
+        )
+    return OpSpec(
+        kind="conv",
+        input_shape=u.input_shape,
+        dtype=dtype,
+        out_channels=u.out_channels,
+        kernel_size=u.kernel_size,
+        stride=u.stride,
+        padding=u.padding,
+        dilation=u.dilation,
+        groups=u.groups,
+        activation=act,
+    )
 
 
 def _geometry_spec(g: Geometry, dtype: str, act: str | None) -> OpSpec:
     if g.kind == "linear":
-        return OpSpec(kind="linear", input_shape=g.input_shape, dtype=dtype,
-                      out_channels=g.out_channels, activation=act)
+        return OpSpec(
+            kind="linear",
+            input_shape=g.input_shape,
+            dtype=dtype,
+            out_channels=g.out_channels,
+            activation=act,
+        )
     nd = len(g.kernel_size)
-    return OpSpec(kind="conv", input_shape=g.input_shape, dtype=dtype,
-                  out_channels=g.out_channels, kernel_size=g.kernel_size, stride=g.stride,
-                  padding=g.padding, dilation=(1,) * nd, groups=g.groups, activation=act)
+    return OpSpec(
+        kind="conv",
+        input_shape=g.input_shape,
+        dtype=dtype,
+        out_channels=g.out_channels,
+        kernel_size=g.kernel_size,
+        stride=g.stride,
+        padding=g.padding,
+        dilation=(1,) * nd,
+        groups=g.groups,
+        activation=act,
+    )
 
 
 def item_latency(item: Item, latency: LatencyFn, dtype: str) -> float:
@@ -101,8 +132,9 @@ def item_latency(item: Item, latency: LatencyFn, dtype: str) -> float:
 def _residual_overhead(res: Residual, latency: LatencyFn, dtype: str) -> float:
     t = latency(OpSpec(kind="add", input_shape=res.output_shape, dtype=dtype))
     if res.act_kind is not None:
-        t += latency(OpSpec(kind="act", input_shape=res.output_shape, dtype=dtype,
-                            activation=res.act_kind))
+        t += latency(
+            OpSpec(kind="act", input_shape=res.output_shape, dtype=dtype, activation=res.act_kind)
+        )
     if res.shortcut is not None:
         t += latency(_unit_spec(res.shortcut, dtype, None))
     return t
@@ -145,11 +177,13 @@ def build_problem(
     chains = []
     for chain in analysis.chains:
         segs = by_chain.get(chain.name, {})
-        chains.append(PChain(
-            name=chain.name,
-            length=len(chain.items),
-            segments=tuple(Segment(s, e, tuple(cs)) for (s, e), cs in sorted(segs.items())),
-        ))
+        chains.append(
+            PChain(
+                name=chain.name,
+                length=len(chain.items),
+                segments=tuple(Segment(s, e, tuple(cs)) for (s, e), cs in sorted(segs.items())),
+            )
+        )
     return Problem(chains=tuple(chains), fixed_latency=fixed_latency)
 
 

@@ -17,12 +17,13 @@ kept, so it can be fine-tuned.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 from typing import Any
 
 from torch import fx
 
-from ._graph import clone, finalize, install
+from ._graph import finalize, install, shallow_clone
 from .analysis import Analysis, Item, Residual, Unit
 from .merge import SEGMENT
 from .modules import Pad
@@ -39,7 +40,7 @@ def apply_segments(
 
     ``gm`` must be the canonicalised graph ``analysis`` was computed from.
     """
-    gm = clone(gm)
+    gm = shallow_clone(gm)  # modules are shared with ``gm``; changed ones are copied first
     nodes = {n.name: n for n in gm.graph.nodes}
     for chain_name, start, stop, pruned in segments:
         items = analysis.chain(chain_name).items[start:stop]
@@ -125,8 +126,9 @@ def _relocate(
     for unit, e_in, e_out in plan:
         reads_entry = nodes[unit.layer].args[0].name == entry
         actual_in = zero if reads_entry else e_in
-        pad = tuple(p + s * eo - ai for p, s, eo, ai in
-                    zip(unit.padding, unit.stride, e_out, actual_in))
+        pad = tuple(
+            p + s * eo - ai for p, s, eo, ai in zip(unit.padding, unit.stride, e_out, actual_in)
+        )
         _set_padding(gm, nodes[unit.layer], pad)
         _tag(nodes, (unit.layer, unit.bn), tag)
     for res, e_join, e_fork in shortcuts:
@@ -144,8 +146,7 @@ def _relocate(
                 add.args = tuple(pad_node if a is fork else a for a in add.args)
             continue
         sc = res.shortcut
-        pad = tuple(p + s * j - f for p, s, j, f in
-                    zip(sc.padding, sc.stride, e_join, actual_fork))
+        pad = tuple(p + s * j - f for p, s, j, f in zip(sc.padding, sc.stride, e_join, actual_fork))
         conv = nodes[sc.layer]
         _tag(nodes, (sc.layer, sc.bn), tag)
         if all(p >= 0 for p in pad):
@@ -159,7 +160,9 @@ def _relocate(
         conv.args = (pad_node, *conv.args[1:])
 
 
-def _back(plan: list[Any], unit: Unit, e_out: tuple[int, ...], pruned: frozenset[str]) -> tuple[int, ...]:
+def _back(
+    plan: list[Any], unit: Unit, e_out: tuple[int, ...], pruned: frozenset[str]
+) -> tuple[int, ...]:
     if unit.layer in pruned:
         return e_out
     e_in = tuple(p + s * e for p, s, e in zip(unit.padding, unit.stride, e_out))
@@ -175,7 +178,8 @@ def _tag(nodes: dict[str, fx.Node], names: Iterable[str | None], tag: str) -> No
 
 def _set_padding(gm: fx.GraphModule, node: fx.Node, pad: tuple[int, ...]) -> None:
     if node.op == "call_module":
-        mod = gm.get_submodule(str(node.target))
+        mod = copy.deepcopy(gm.get_submodule(str(node.target)))
+        gm.add_submodule(str(node.target), mod)
         mod.padding = tuple(int(p) for p in pad)
         mod._reversed_padding_repeated_twice = [p for p in reversed(pad) for _ in range(2)]
         return

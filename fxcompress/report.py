@@ -7,7 +7,6 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-
 from torch import fx, nn
 
 __all__ = ["Report", "count_macs", "count_params"]
@@ -69,7 +68,7 @@ class Report:
             "",
             f"- budget: {self.budget:g} of the original latency; predicted {ms(self.predicted_ms)}"
             + ("" if self.ratio is None else f"; measured ratio {self.ratio:.3f}"),
-            f"- rewrites: " + (", ".join(f"{k} ×{v}" for k, v in sorted(kinds.items())) or "none"),
+            "- rewrites: " + (", ".join(f"{k} ×{v}" for k, v in sorted(kinds.items())) or "none"),
             f"- segments merged: {sum(1 for d in self.decisions if d.get('key') != 'keep')}",
             f"- parts left as they are: {len(self.kept)}",
         ]
@@ -105,5 +104,3 @@ def count_macs(gm: fx.GraphModule) -> int:
         elif isinstance(mod, nn.Linear):
             total += math.prod(shape[:-1]) * mod.in_features * mod.out_features
     return int(total)
-
-
