@@ -194,9 +194,11 @@ def analyze(gm: fx.GraphModule) -> Analysis:
         Chain(f"{r.add}.branch", _branch_items(r), parent=r.add) for r in residuals.values()
     ]
     for node in gm.graph.nodes:
-        if node.op in ("call_module", "call_function", "call_method") and not _covered(
-            node.name, items
-        ) and not any(node.name == k for k, _ in kept):
+        if (
+            node.op in ("call_module", "call_function", "call_method")
+            and not _covered(node.name, items)
+            and not any(node.name == k for k, _ in kept)
+        ):
             kept.append((node.name, "not part of a mergeable chain"))
     ordered = sorted(chains, key=lambda c: _order(c, nodes))
     named = [Chain(f"chain{i}", c.items) for i, c in enumerate(ordered)]

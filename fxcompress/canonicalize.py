@@ -2,9 +2,10 @@
 
 After :func:`canonicalize`:
 - every recognised activation is an out-of-place ``call_function`` of the functional in
-  :data:`fxcompress.ops.ACTIVATIONS` (module, functional, method and in-place spellings alike),
-  except an in-place call whose input is read again later (rewriting it would change what
-  those readers see);
+  :data:`fxcompress.ops.ACTIVATIONS` with its non-default constants as keyword arguments
+  (module, functional, method and in-place spellings alike), except an in-place call whose
+  written tensor is observed elsewhere: read again later, directly or through a view
+  (``y[:, :2].relu_()`` writes ``y``), or owned by the caller (a graph input, a buffer);
 - eval-mode dropout and ``nn.Identity`` calls are gone (``drop_dropout=True``).
 """
 
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ._graph import clone, finalize, topo_index
-from .ops import activation_function, activation_of, is_inplace
+from .ops import ActivationSpec, activation_function, activation_of, aliases, mutated_input
 
 __all__ = ["canonicalize"]
 
@@ -62,13 +63,11 @@ def canonicalize(gm: fx.GraphModule, *, drop_dropout: bool = True) -> fx.GraphMo
         spec = activation_of(gm, node)
         if spec is None or not node.args or not isinstance(node.args[0], fx.Node):
             continue
-        if _is_canonical(node, spec.name):
-            continue
         source = node.args[0]
-        if is_inplace(gm, node) and any(
-            order[u] > order[node] for u in source.users if u is not node
-        ):
-            logger.debug("keeping in-place %s: its input is read again afterwards", node.name)
+        if _is_canonical(node, spec):
+            continue
+        if mutated_input(gm, node) is not None and _write_is_observed(gm, node, order):
+            logger.debug("keeping in-place %s: the tensor it writes is read elsewhere", node.name)
             continue
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(
@@ -82,13 +81,26 @@ def canonicalize(gm: fx.GraphModule, *, drop_dropout: bool = True) -> fx.GraphMo
     return finalize(gm)
 
 
-def _is_canonical(node: fx.Node, name: str) -> bool:
+def _is_canonical(node: fx.Node, spec: ActivationSpec) -> bool:
     return (
         node.op == "call_function"
-        and node.target is activation_function(name)
+        and node.target is activation_function(spec.name)
         and len(node.args) == 1
-        and "inplace" not in node.kwargs
+        and tuple(sorted(node.kwargs.items())) == spec.kwargs
     )
+
+
+def _write_is_observed(gm: fx.GraphModule, node: fx.Node, order: dict[fx.Node, int]) -> bool:
+    """Whether making the in-place ``node`` out of place would change what anything sees.
+
+    That is the case when the written tensor (or any view of it, e.g. ``y[:, :2].relu_()``
+    writes into ``y``) is read after ``node`` by anything but ``node``'s own result, or when it
+    belongs to the caller (a graph input or a parameter/buffer).
+    """
+    written = aliases(gm, node.args[0], skip=node)
+    if any(n.op in ("placeholder", "get_attr") for n in written):
+        return True
+    return any(u is not node and order.get(u, -1) > order[node] for n in written for u in n.users)
 
 
 def _is_noop(gm: fx.GraphModule, node: fx.Node) -> bool:

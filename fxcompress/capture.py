@@ -20,6 +20,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from ._graph import compare_outputs
 from .errors import CaptureError, InvalidArgument
 from .ops import module_call_counts
 
@@ -37,16 +38,57 @@ def normalize_inputs(example_inputs: Any, *, name: str = "example_inputs") -> tu
     ------
     InvalidArgument
         If ``example_inputs`` is not a tensor or a non-empty tuple/list whose items are tensors
-        (or nested tuples/lists/dicts of tensors).
-    """
+        (or nested tuples/lists/dicts of tensors); the message names the offending value.
+
+    Examples
+    --------
+    >>> import torch
+    >>> [t.shape for t in normalize_inputs(torch.zeros(2))]
+    [torch.Size([2])]
+    >>> normalize_inputs((torch.zeros(1), "a"))
+    Traceback (most recent call last):
+    ...
+    fxcompress.errors.InvalidArgument: example_inputs[1] must be a tensor (or a nested tuple/list/dict of tensors), got example_inputs[1]='a' (type=str)
+    """  # noqa: E501
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
     if isinstance(example_inputs, (tuple, list)) and example_inputs:
+        for i, item in enumerate(example_inputs):
+            _check_tensors(item, f"{name}[{i}]")
         return tuple(example_inputs)
     raise InvalidArgument(
         f"{name} must be a tensor or a non-empty tuple of tensors, got {name}="
         f"{_short(example_inputs)} (type={type(example_inputs).__name__})"
     )
+
+
+def _check_tensors(value: Any, where: str) -> None:
+    if isinstance(value, torch.Tensor):
+        return
+    if isinstance(value, (tuple, list)) and value:
+        for i, item in enumerate(value):
+            _check_tensors(item, f"{where}[{i}]")
+        return
+    if isinstance(value, dict) and value:
+        for key, item in value.items():
+            _check_tensors(item, f"{where}[{key!r}]")
+        return
+    raise InvalidArgument(
+        f"{where} must be a tensor (or a nested tuple/list/dict of tensors), got "
+        f"{where}={_short(value)} (type={type(value).__name__})"
+    )
+
+
+def _clone_inputs(value: Any) -> Any:
+    """Copies of the input tensors, so that a model writing its inputs in place cannot change
+    the caller's tensors (nor the inputs of a second run)."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_clone_inputs(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _clone_inputs(v) for k, v in value.items()}
+    return value
 
 
 def _short(value: Any) -> str:
@@ -62,6 +104,7 @@ class _Tracer(fx.Tracer):
         self.leaf_types = leaf_types
         self.leaf_names = leaf_names
         self.stack: list[str] = []
+        self.failed_in: str | None = None  # innermost module being traced when tracing failed
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.leaf_names or isinstance(m, self.leaf_types):
@@ -69,10 +112,17 @@ class _Tracer(fx.Tracer):
         return super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
-        name = self.path_of_module(m)
+        try:
+            name = self.path_of_module(m)
+        except NameError:
+            name = ""  # a module that is not a registered submodule; the base class says so
         self.stack.append(name)
         try:
             return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = name
+            raise
         finally:
             self.stack.pop()
 
@@ -82,6 +132,7 @@ def capture(
     example_inputs: Any,
     *,
     leaf_modules: Sequence[LeafSpec] = (),
+    check: bool = True,
 ) -> fx.GraphModule:
     """Trace ``model`` into a GraphModule (eval-mode deep copy) with shapes in ``node.meta``.
 
@@ -94,6 +145,12 @@ def capture(
     leaf_modules : sequence of str or type
         Submodules (by qualified name) or module classes that are kept as opaque calls instead of
         being traced through, e.g. parts with data-dependent control flow.
+    check : bool
+        Run the model itself on (copies of) the example inputs and require the traced graph to
+        give the same outputs. ``torch.fx`` can trace a graph that computes something else
+        without failing (``a += b`` on a tensor that another name refers to is traced as a new
+        tensor, a Python side effect runs once at trace time), and every later rewrite would
+        faithfully preserve the wrong function.
 
     Returns
     -------
@@ -104,8 +161,9 @@ def capture(
     InvalidArgument
         If ``model`` is not a module or ``example_inputs`` are not tensors.
     CaptureError
-        If ``torch.fx`` cannot trace the model or the traced graph fails on the example inputs;
-        the message names the submodule and source line and suggests ``leaf_modules``.
+        If ``torch.fx`` cannot trace the model, the traced graph fails on the example inputs, or
+        (with ``check``) it computes something else than the model; the message names the
+        submodule and source line and suggests ``leaf_modules``.
 
     Examples
     --------
@@ -122,6 +180,13 @@ def capture(
         )
     inputs = normalize_inputs(example_inputs)
     leaf_types, leaf_names = _split_leaves(leaf_modules)
+    for name in sorted(leaf_names):
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            raise InvalidArgument(
+                f"leaf_modules names {name!r}, which is not a submodule of the model"
+            ) from None
     copied = copy.deepcopy(model).eval()
 
     tracer = _Tracer(leaf_types, leaf_names)
@@ -130,7 +195,9 @@ def capture(
     except Exception as exc:
         raise _capture_error(exc, tracer, copied) from exc
     gm = fx.GraphModule(copied, graph, class_name=type(model).__name__)
-    propagate_shapes(gm, inputs)
+    traced_out = propagate_shapes(gm, inputs)
+    if check:
+        _check_trace(copied, gm, inputs, traced_out)
 
     counts = module_call_counts(gm)
     shared = sorted(
@@ -146,8 +213,34 @@ def _params(gm: fx.GraphModule, name: str) -> Any:
     return gm.get_submodule(name).parameters()
 
 
-def propagate_shapes(gm: fx.GraphModule, inputs: tuple[Any, ...]) -> None:
-    """Record ``tensor_meta`` on every node by running ``gm`` on ``inputs`` (no grad)."""
+def _check_trace(
+    model: nn.Module, gm: fx.GraphModule, inputs: tuple[Any, ...], traced_out: Any
+) -> None:
+    try:
+        with torch.no_grad():
+            expected = model(*_clone_inputs(inputs))
+    except Exception as exc:  # pragma: no cover - the trace ran, so the model normally does too
+        raise CaptureError(
+            f"the model failed on the example inputs: {type(exc).__name__}: {exc}"
+        ) from exc
+    _, problem = compare_outputs(traced_out, expected)
+    if problem is not None:
+        raise CaptureError(
+            f"the graph traced by torch.fx does not compute what the model computes on the "
+            f"example inputs ({problem}). Typical causes: an in-place update of a tensor that "
+            "another variable also refers to (e.g. `a += b` where `a` is read again later; "
+            "torch.fx traces it as a new tensor), Python side effects in forward, or random "
+            "ops. Rewrite that part out of place, or list its submodule in leaf_modules; "
+            "capture(..., check=False) skips this check."
+        )
+
+
+def propagate_shapes(gm: fx.GraphModule, inputs: tuple[Any, ...]) -> Any:
+    """Record ``tensor_meta`` on every node by running ``gm`` on ``inputs`` (no grad).
+
+    The inputs are copied first, so a graph that writes its inputs in place leaves the caller's
+    tensors alone. Returns the graph's output.
+    """
     n_placeholders = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
     if len(inputs) > n_placeholders:
         raise InvalidArgument(
@@ -156,7 +249,7 @@ def propagate_shapes(gm: fx.GraphModule, inputs: tuple[Any, ...]) -> None:
         )
     try:
         with torch.no_grad():
-            ShapeProp(gm).propagate(*inputs)
+            return ShapeProp(gm).propagate(*_clone_inputs(inputs))
     except Exception as exc:
         raise CaptureError(
             f"the traced model failed on the example inputs: {type(exc).__name__}: {exc}. "
@@ -183,7 +276,7 @@ def _split_leaves(leaf_modules: Sequence[LeafSpec]) -> tuple[tuple[type, ...], f
 
 
 def _capture_error(exc: Exception, tracer: _Tracer, model: nn.Module) -> CaptureError:
-    where = tracer.stack[-1] if tracer.stack else ""
+    where = tracer.failed_in or ""
     kind = type(model.get_submodule(where)).__name__ if where else type(model).__name__
     line = ""
     for frame in reversed(traceback.extract_tb(exc.__traceback__)):

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from ._graph import clone, finalize, install, shape_of
+from ._graph import clone, eliminate_dead_code, finalize, install, is_unused, shape_of, topo_index
 from .kernels import (
     ConvParams,
     LinearParams,
@@ -36,7 +36,7 @@ from .kernels import (
     identity,
 )
 from .modules import Pad
-from .ops import batchnorm_of, is_add, layer_of, pad_of, single_user
+from .ops import aliases, batchnorm_of, is_add, layer_of, mutated_input, pad_of, single_user
 
 __all__ = ["fold_batchnorm", "merge"]
 
@@ -109,6 +109,9 @@ def merge(gm: fx.GraphModule, *, only_if_cheaper: bool = True) -> fx.GraphModule
             if event is not None:
                 events.append(event)
                 changed = True
+                # drop what the rewrite left unread (e.g. a folded shortcut's Pad) right away,
+                # so that single-user checks later in this sweep see the real readers
+                eliminate_dead_code(gm)
     _record(gm, events)
     return finalize(gm)
 
@@ -272,6 +275,9 @@ def _try_add(gm: fx.GraphModule, add: fx.Node, only_if_cheaper: bool) -> Event |
         if _conv_macs(merged, shape) > before:
             return None
     replaced = [n for n, erase in ((nu, eu), (nv, ev)) if erase]
+    if _written_between(gm, xu, replaced, add):
+        logger.debug("not folding %s: its input is written in place in between", add.name)
+        return None
     convs = [n for n in replaced if layer_of(gm, n) is not None]
     hint = _name_hint(convs[0]) if convs else add.name
     name = _emit(gm, xu, add, merged, preferred=hint, replaced=replaced)
@@ -281,6 +287,24 @@ def _try_add(gm: fx.GraphModule, add: fx.Node, only_if_cheaper: bool) -> Event |
         "branches": [_name_hint(n) for n in (u, v)],
         "into": name,
     }
+
+
+def _written_between(gm: fx.GraphModule, x: fx.Node, branches: list[fx.Node], add: fx.Node) -> bool:
+    """Whether an in-place op writes ``x`` (or a view of it) while the branches read it.
+
+    The branches read ``x`` at their own nodes (or at a ``Pad`` feeding them) and an identity
+    branch reads it at ``add``; one merged conv can read it only once. ``add`` itself counts
+    when it writes its first argument in place and that argument is ``x`` (``x.add_(conv(x))``).
+    """
+    order = topo_index(gm)
+    readers = [*branches, add]
+    readers += [n.args[0] for n in branches if n.args and n.args[0] is not x]
+    first = min(order[n] for n in readers if isinstance(n, fx.Node) and n in order)
+    shared = aliases(gm, x)
+    for node, i in order.items():
+        if first <= i <= order[add] and mutated_input(gm, node) in shared:
+            return True
+    return False
 
 
 # --------------------------------------------------------------------------- emission
@@ -299,27 +323,29 @@ def _emit(
 
     ``start`` is either the first replaced layer node (chains, BN folds) or the common input of
     the branches (skip folds, with the replaced branch nodes given in ``replaced``).
+
+    A chain's new node goes where its first layer was, so it reads the input at the same moment
+    (an in-place op between the two layers may write that input). A skip fold's new node goes
+    where the add was; the caller checks that nothing writes the input in between.
+    The module at ``preferred`` is overwritten only if nothing else calls or reads it.
     """
     if replaced is None:
-        replaced = [start, end]
+        nodes = [start, end]
         source = start.args[0]
+        anchor = start
     else:
-        replaced = [*replaced, end]
+        nodes = list(dict.fromkeys([*replaced, end]))  # add(y, y) lists y twice
         source = start
+        anchor = end
     module, pad = _to_module(params)
     segment = end.meta.get(SEGMENT)
-    others = [
-        n
-        for n in gm.graph.nodes
-        if n.op == "call_module" and n.target == preferred and n not in replaced
-    ]
-    is_old = any(n.op == "call_module" and n.target == preferred for n in replaced)
-    if is_old and not others:
-        gm.add_submodule(preferred, module)  # the old module at this path is no longer called
+    is_old = any(n.op == "call_module" and n.target == preferred for n in nodes)
+    if is_old and is_unused(gm, preferred, ignore=nodes):
+        gm.add_submodule(preferred, module)  # the old module at this path is no longer used
         name = preferred
     else:
         name = install(gm, preferred.replace(".", "_") + ("_site" if is_old else "_merged"), module)
-    with gm.graph.inserting_before(end):
+    with gm.graph.inserting_before(anchor):
         x = source
         if pad is not None:
             pad_name = install(gm, preferred.replace(".", "_") + "_crop", pad)
@@ -329,7 +355,7 @@ def _emit(
     if segment is not None:
         new.meta[SEGMENT] = segment
     end.replace_all_uses_with(new)
-    for n in [end, *reversed([r for r in replaced if r is not end])]:
+    for n in [end, *reversed([r for r in nodes if r is not end])]:
         if not n.users:
             gm.graph.erase_node(n)
     return name

@@ -25,10 +25,12 @@ __all__ = [
     "ActivationSpec",
     "activation_function",
     "activation_of",
+    "aliases",
     "batchnorm_of",
     "is_add",
     "layer_of",
     "module_call_counts",
+    "mutated_input",
     "single_user",
 ]
 
@@ -123,25 +125,76 @@ def activation_function(name: str) -> Callable[..., torch.Tensor]:
     return ACTIVATIONS[name]
 
 
+# constant arguments at their default values are dropped from a spec, so that every spelling of
+# the same activation gives the same spec
+_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gelu": {"approximate": "none"},
+    "leaky_relu": {"negative_slope": 0.01},
+    "elu": {"alpha": 1.0},
+    "hardtanh": {"min_val": -1.0, "max_val": 1.0},
+}
+
+
+def _normalised(spec: ActivationSpec) -> ActivationSpec:
+    args = {**_DEFAULTS.get(spec.name, {}), **dict(spec.kwargs)}
+    if spec.name == "hardtanh" and (args["min_val"], args["max_val"]) == (0.0, 6.0):
+        return ActivationSpec("relu6")  # F.relu6 is hardtanh(x, 0, 6)
+    defaults = _DEFAULTS.get(spec.name, {})
+    kept = tuple(
+        (k, v)
+        for k, v in sorted(args.items())
+        if not (k in defaults and not isinstance(v, bool) and v == defaults[k])
+    )
+    return ActivationSpec(spec.name, kept)
+
+
 def activation_of(gm: fx.GraphModule, node: fx.Node) -> ActivationSpec | None:
     """The activation computed by ``node`` in any spelling, or ``None`` if it is not one.
 
     Only elementwise activations of a single tensor argument are recognised; ``inplace`` flags are
-    dropped from the spec (whether rewriting an in-place call is safe is the caller's question).
+    dropped from the spec (whether rewriting an in-place call is safe is the caller's question),
+    and so are constant arguments at their defaults. ``hardtanh`` clamping to [0, 6] is
+    ``relu6``.
+
+    Examples
+    --------
+    >>> import torch.nn.functional as F
+    >>> from torch import fx, nn
+    >>> class M(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.act = nn.LeakyReLU(0.2, inplace=True)
+    ...     def forward(self, x):
+    ...         return F.hardtanh(self.act(x), 0.0, 6.0).relu()
+    >>> gm = fx.symbolic_trace(M())
+    >>> specs = [activation_of(gm, n) for n in gm.graph.nodes if n.op != "placeholder"]
+    >>> [s.name for s in specs[:3]], specs[0].kwargs
+    (['leaky_relu', 'relu6', 'relu'], (('negative_slope', 0.2),))
     """
+    spec = _activation_spec(gm, node)
+    return None if spec is None else _normalised(spec)
+
+
+def _activation_spec(gm: fx.GraphModule, node: fx.Node) -> ActivationSpec | None:
     if node.op == "call_module":
         mod = gm.get_submodule(str(node.target))
         make = _MODULE_ACTS.get(type(mod))
         return make(mod) if make is not None else None
     if node.op == "call_function":
         name = _FUNCTION_ACTS.get(node.target)
-        if name is None:
+        if name is None or not _only_constant_args(node):
             return None
         return ActivationSpec(name, _constant_kwargs(name, node))
     if node.op == "call_method":
         name = _METHOD_ACTS.get(str(node.target))
         return ActivationSpec(name) if name is not None and len(node.args) == 1 else None
     return None
+
+
+def _only_constant_args(node: fx.Node) -> bool:
+    """Whether every argument after the input is a constant (not another tensor)."""
+    rest = [*node.args[1:], *node.kwargs.values()]
+    return not any(isinstance(a, fx.Node) for a in rest)
 
 
 def is_inplace(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -295,3 +348,204 @@ def module_call_counts(gm: fx.GraphModule) -> dict[str, int]:
         if node.op == "call_module":
             counts[str(node.target)] = counts.get(str(node.target), 0) + 1
     return counts
+
+
+# --------------------------------------------------------------------------- mutation and aliasing
+
+_INPLACE_OPERATORS = {
+    operator.iadd,
+    operator.isub,
+    operator.imul,
+    operator.itruediv,
+    operator.ifloordiv,
+    operator.imod,
+    operator.ipow,
+    operator.iand,
+    operator.ior,
+    operator.ixor,
+    operator.ilshift,
+    operator.irshift,
+    operator.imatmul,
+    operator.setitem,
+}
+
+_VIEW_METHODS = frozenset(
+    {
+        "view",
+        "view_as",
+        "reshape",
+        "reshape_as",
+        "flatten",
+        "unflatten",
+        "squeeze",
+        "unsqueeze",
+        "transpose",
+        "permute",
+        "t",
+        "narrow",
+        "select",
+        "expand",
+        "expand_as",
+        "split",
+        "chunk",
+        "unbind",
+        "unfold",
+        "movedim",
+        "swapaxes",
+        "diagonal",
+        "as_strided",
+        "detach",
+        "contiguous",
+        "to",
+        "type_as",
+        "float",
+        "double",
+        "half",
+        "real",
+        "imag",
+        "__getitem__",
+    }
+)
+
+_VIEW_FUNCTIONS = {
+    operator.getitem,
+    torch.flatten,
+    torch.reshape,
+    torch.squeeze,
+    torch.unsqueeze,
+    torch.transpose,
+    torch.permute,
+    torch.narrow,
+    torch.select,
+    torch.split,
+    torch.chunk,
+    torch.unbind,
+    torch.t,
+    torch.movedim,
+    torch.swapaxes,
+    torch.diagonal,
+    torch.as_strided,
+    torch.detach,
+    F.dropout,
+    F.dropout1d,
+    F.dropout2d,
+    F.dropout3d,
+}
+
+_VIEW_ATTRIBUTES = frozenset({"T", "mT", "H", "mH", "data", "real", "imag"})
+
+_VIEW_MODULES = (
+    nn.Flatten,
+    nn.Unflatten,
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+)
+
+
+def mutated_input(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    """The node whose tensor ``node`` writes in place (its first argument), else ``None``.
+
+    In-place ops are methods and functions whose name ends in ``_`` (``x.add_(y)``,
+    ``torch.relu_``), augmented-assignment operators and ``setitem``, calls with
+    ``inplace=True`` and modules with ``inplace=True`` (``nn.ReLU(inplace=True)``). ``torch.fx``
+    considers them pure, so dead-code elimination must not drop them (see
+    :func:`fxcompress._graph.finalize`) and a rewrite must not move a read across them.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import fx, nn
+    >>> class M(nn.Module):
+    ...     def forward(self, x):
+    ...         y = x * 2
+    ...         y.relu_()
+    ...         return y
+    >>> gm = fx.symbolic_trace(M())
+    >>> [n.name for n in gm.graph.nodes if mutated_input(gm, n) is not None]
+    ['relu_']
+    """
+    if not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    target = node.args[0]
+    if node.op == "call_method":
+        name = str(node.target)
+        inplace = (name.endswith("_") and not name.startswith("_")) or name == "__setitem__"
+        return target if inplace or node.kwargs.get("inplace") is True else None
+    if node.op == "call_function":
+        if node.target in _INPLACE_OPERATORS:
+            return target
+        name = getattr(node.target, "__name__", "")
+        if name.endswith("_") and not name.startswith("_"):
+            return target
+        if node.kwargs.get("inplace") is True:
+            return target
+        if node.target in _FUNCTION_ACTS and _positional(node, "inplace") is True:
+            return target
+        if node.target in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d) and (
+            len(node.args) > 3 and node.args[3] is True
+        ):
+            return target
+        return None
+    if node.op == "call_module":
+        mod = gm.get_submodule(str(node.target))
+        return target if getattr(mod, "inplace", False) is True else None
+    return None
+
+
+def _is_alias_op(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether ``node``'s output may share storage with its first argument."""
+    if not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    if mutated_input(gm, node) is not None:
+        return True  # an in-place op returns the tensor it wrote
+    if node.op == "call_method":
+        return str(node.target) in _VIEW_METHODS
+    if node.op == "call_function":
+        if node.target is getattr:
+            return len(node.args) > 1 and node.args[1] in _VIEW_ATTRIBUTES
+        return node.target in _VIEW_FUNCTIONS
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(str(node.target)), _VIEW_MODULES)
+    return False
+
+
+def aliases(gm: fx.GraphModule, node: fx.Node, *, skip: fx.Node | None = None) -> set[fx.Node]:
+    """Nodes whose tensors may share storage with ``node``'s (including ``node``).
+
+    Follows view-like ops (``view``, ``getitem``, ``flatten``, ``transpose``, dropout, ...)
+    and in-place ops back to the base tensor and then forward to every view of it. Ops not
+    known to alias are assumed to return fresh tensors. The walk does not pass through
+    ``skip``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import fx, nn
+    >>> class M(nn.Module):
+    ...     def forward(self, x):
+    ...         y = x * 2
+    ...         v = y[:, :1]
+    ...         return v.relu_() + y.flatten(1).sum()
+    >>> gm = fx.symbolic_trace(M())
+    >>> y = next(n for n in gm.graph.nodes if n.name == "mul")
+    >>> sorted(n.name for n in aliases(gm, y))
+    ['flatten', 'getitem', 'mul', 'relu_']
+    """
+    base = node
+    while _is_alias_op(gm, base) and base is not skip:
+        base = base.args[0]
+    found = {base}
+    todo = [base]
+    while todo:
+        current = todo.pop()
+        for user in current.users:
+            if user is skip or user in found:
+                continue
+            if user.args and user.args[0] is current and _is_alias_op(gm, user):
+                found.add(user)
+                todo.append(user)
+    return found

@@ -21,10 +21,12 @@ import copy
 from collections.abc import Iterable
 from typing import Any
 
+import torch
 from torch import fx
 
 from ._graph import finalize, install, shallow_clone
 from .analysis import Analysis, Item, Residual, Unit
+from .capture import propagate_shapes
 from .merge import SEGMENT
 from .modules import Pad
 
@@ -46,7 +48,22 @@ def apply_segments(
         items = analysis.chain(chain_name).items[start:stop]
         tag = f"{chain_name}:{start}-{stop}"
         _relax_segment(gm, nodes, items, frozenset(pruned), tag)
-    return finalize(gm)
+    finalize(gm)
+    _reshape(gm)
+    return gm
+
+
+def _reshape(gm: fx.GraphModule) -> None:
+    """Re-record shapes (the relaxed intermediate maps are larger) from the placeholders' specs."""
+    inputs = []
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        meta = node.meta.get("tensor_meta")
+        if meta is None:
+            return  # not captured by fxcompress: leave shapes as they are
+        inputs.append(torch.zeros(meta.shape, dtype=meta.dtype))
+    propagate_shapes(gm, tuple(inputs))
 
 
 def _relax_segment(
