@@ -99,7 +99,9 @@ def _short(value: Any) -> str:
 class _Tracer(fx.Tracer):
     """A tracer that keeps user-named leaf modules opaque and remembers where it is."""
 
-    def __init__(self, leaf_types: tuple[type, ...], leaf_names: frozenset[str]) -> None:
+    def __init__(
+        self, leaf_types: tuple[type, ...] = (), leaf_names: frozenset[str] = frozenset()
+    ) -> None:  # defaults: GraphModule unpickling instantiates the tracer class without args
         super().__init__()
         self.leaf_types = leaf_types
         self.leaf_names = leaf_names

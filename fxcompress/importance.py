@@ -228,7 +228,9 @@ def score_candidates(
     scorer = _Scorer(gm, calib, loss_fn)
 
     def relaxed_of(c: Candidate) -> fx.GraphModule:
-        return apply_segments(gm, analysis, [(c.chain, c.start, c.stop, c.pruned)])
+        return apply_segments(
+            gm, analysis, [(c.chain, c.start, c.stop, c.pruned)], record_shapes=False
+        )
 
     with bar(total=len(todo), desc="scoring", enabled=progress) as pbar:
         if executor is None:

@@ -5,6 +5,8 @@ runs in float64). Patterns and the reasons they are skipped:
 
 - ``layer -> BN``: folded when the layer's output feeds only the BN (else others would see the
   folded values) and the BN uses running statistics.
+- ``BN -> layer`` (a BN that could not be folded into its producer): folded into the layer that
+  alone reads it when that layer does not zero-pad (event ``fold_bn_before``).
 - ``conv1 -> conv2``: merged into one conv when nothing else reads conv1's output, conv2 does not
   zero-pad (padding of an intermediate map is not a convolution of the input), and — unless both
   nodes carry the same ``meta["fxcompress.segment"]`` chosen by a planner — the merged conv costs
@@ -18,6 +20,7 @@ A module called from several places is never modified: each rewritten call site 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from typing import Any
@@ -33,6 +36,7 @@ from .kernels import (
     compose,
     compose_linear,
     fold_bn,
+    fold_bn_before,
     identity,
 )
 from .modules import Pad
@@ -151,6 +155,57 @@ def _fold_all_bn(gm: fx.GraphModule) -> list[Event]:
         events.append(
             {"kind": "fold_bn", "layer": _name_hint(producer), "bn": str(node.target), "into": name}
         )
+    events += _fold_bn_before(gm)
+    return events
+
+
+def _fold_bn_before(gm: fx.GraphModule) -> list[Event]:
+    """Fold a BatchNorm that could not go into its producer into the layer that alone reads it.
+
+    Exact only when that layer does not zero-pad (padding zeros come after the normalisation).
+    """
+    events = []
+    for node in list(gm.graph.nodes):
+        if node.graph is not gm.graph:
+            continue  # erased in this pass
+        bn = batchnorm_of(gm, node)
+        if bn is None or not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        consumer = single_user(node)
+        if consumer is None or not consumer.args or consumer.args[0] is not node:
+            continue
+        if node in consumer.args[1:] or node in consumer.kwargs.values():
+            continue
+        layer = layer_of(gm, consumer)
+        shape = shape_of(node)
+        if layer is None or shape is None:
+            continue
+        if isinstance(layer, LinearParams):
+            if len(shape) != 2 or layer.in_features != bn.num_features:
+                continue  # BatchNorm1d normalises axis 1, a linear layer mixes the last one
+        elif (
+            len(shape) != layer.ndim + 2
+            or layer.in_channels != bn.num_features
+            or any(p > 0 for p in layer.padding)
+        ):
+            continue
+        folded = fold_bn_before(
+            layer,
+            mean=bn.running_mean,
+            var=bn.running_var,
+            weight=bn.weight,
+            bias=bn.bias,
+            eps=bn.eps,
+        )
+        name = _emit(gm, node, consumer, folded, preferred=_name_hint(consumer))
+        events.append(
+            {
+                "kind": "fold_bn_before",
+                "layer": _name_hint(consumer),
+                "bn": str(node.target),
+                "into": name,
+            }
+        )
     return events
 
 
@@ -188,8 +243,15 @@ def _try_chain(gm: fx.GraphModule, node: fx.Node, only_if_cheaper: bool) -> Even
         logger.debug("not merging %s into %s: %s", prev.name, node.name, exc)
         return None
     if only_if_cheaper and not forced:
-        cost_before = _conv_macs(first, shape_of(prev)) + _conv_macs(second, shape_of(node))
-        if _conv_macs(merged, shape_of(node)) > cost_before:
+        mid, out = shape_of(prev), shape_of(node)
+        if mid is None or out is None:
+            # shapes not recorded (not a captured module): compare the cost per output
+            # position for large inputs, where the intermediate map has prod(stride2) times
+            # as many positions as the output
+            out = (1, second.out_channels, *([1] * second.ndim))
+            mid = (1, first.out_channels, *second.stride)
+        cost_before = _conv_macs(first, mid) + _conv_macs(second, out)
+        if _conv_macs(merged, out) > cost_before:
             logger.debug("not merging %s into %s: merged conv is costlier", prev.name, node.name)
             return None
     name = _emit(gm, prev, node, merged, preferred=_name_hint(prev))
@@ -251,19 +313,41 @@ def _try_add(gm: fx.GraphModule, add: fx.Node, only_if_cheaper: bool) -> Event |
     shape = shape_of(u)
     if shape is None or shape != shape_of(v):
         return None  # broadcasting add, or unknown shapes
-    views = [(n, _branch(gm, n, add)) for n in (u, v)]
-    if all(view is None for _, view in views):
-        return None
-    if any(view is None for _, view in views):
-        (conv_node, conv_view), (other, _) = sorted(views, key=lambda nv: nv[1] is None)
-        assert conv_view is not None
-        if conv_view[0] is not other or len(shape) < 3:
-            return None  # not a skip around this conv
-        skip = identity(shape[1], len(shape) - 2, dtype=_dtype(add))
-        views = [(conv_node, conv_view), (other, (other, skip, False))]
-    (nu, (xu, cu, eu)), (nv, (xv, cv, ev)) = views  # type: ignore[misc]
-    if xu is not xv:
-        return None  # the two branches read different tensors
+    # each input viewed as a conv of some tensor: its own branch (conv, Pad, Pad -> conv), or
+    # itself through an identity; fold the first pair that reads one tensor and is worth it
+    options = [_views(gm, n, add, shape) for n in (u, v)]
+    for (xu, cu, eu), (xv, cv, ev) in itertools.product(*options):
+        if xu is not xv or not (eu or ev):
+            continue  # different tensors, or x + x (nothing to fold)
+        event = _fold_pair(gm, add, shape, (u, xu, cu, eu), (v, xv, cv, ev), only_if_cheaper)
+        if event is not None:
+            return event
+    return None
+
+
+def _views(
+    gm: fx.GraphModule, node: fx.Node, add: fx.Node, shape: tuple[int, ...]
+) -> list[tuple[fx.Node, ConvParams, bool]]:
+    """``node`` as ``(input, conv, erasable)``: its own branch first, then itself as identity."""
+    views = []
+    branch = _branch(gm, node, add)
+    if branch is not None:
+        views.append(branch)
+    if len(shape) >= 3:
+        views.append((node, identity(shape[1], len(shape) - 2, dtype=_dtype(add)), False))
+    return views
+
+
+def _fold_pair(
+    gm: fx.GraphModule,
+    add: fx.Node,
+    shape: tuple[int, ...],
+    first: tuple[fx.Node, fx.Node, ConvParams, bool],
+    second: tuple[fx.Node, fx.Node, ConvParams, bool],
+    only_if_cheaper: bool,
+) -> Event | None:
+    (nu, xu, cu, eu), (nv, _, cv, ev) = first, second
+    u, v = add.args
     try:
         merged = add_parallel(cu, cv)
     except ValueError as exc:

@@ -37,10 +37,14 @@ def apply_segments(
     gm: fx.GraphModule,
     analysis: Analysis,
     segments: Iterable[tuple[str, int, int, tuple[str, ...]]],
+    *,
+    record_shapes: bool = True,
 ) -> fx.GraphModule:
     """Return a relaxed copy of ``gm`` with each ``(chain, start, stop, pruned)`` segment relaxed.
 
-    ``gm`` must be the canonicalised graph ``analysis`` was computed from.
+    ``gm`` must be the canonicalised graph ``analysis`` was computed from. With
+    ``record_shapes`` the relaxed (larger) shapes are re-recorded in ``node.meta`` by one run on
+    zeros of the captured input shapes; :func:`merge` needs them.
     """
     gm = shallow_clone(gm)  # modules are shared with ``gm``; changed ones are copied first
     nodes = {n.name: n for n in gm.graph.nodes}
@@ -49,7 +53,8 @@ def apply_segments(
         tag = f"{chain_name}:{start}-{stop}"
         _relax_segment(gm, nodes, items, frozenset(pruned), tag)
     finalize(gm)
-    _reshape(gm)
+    if record_shapes:
+        _reshape(gm)
     return gm
 
 

@@ -88,11 +88,7 @@ def test_residual_blocks_found(name: str) -> None:
 def test_every_layer_is_a_unit_exactly_once(name: str) -> None:
     model = torchvision.models.get_model(name, weights=None)
     a = _analyze(model)
-    layers = [
-        n
-        for n, m in model.named_modules()
-        if type(m) in (nn.Conv2d, nn.Linear)
-    ]
+    layers = [n for n, m in model.named_modules() if type(m) in (nn.Conv2d, nn.Linear)]
     units = _all_units(a)
     assert len(units) == len({u.layer for u in units}), "a layer appears in two items"
     assert len(units) == len(layers)

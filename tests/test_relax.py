@@ -42,18 +42,25 @@ def _randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     g = torch.Generator().manual_seed(seed)
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g, dtype=m.running_mean.dtype) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g, dtype=m.running_var.dtype) + 0.5)
+            m.running_mean.copy_(
+                torch.randn(m.num_features, generator=g, dtype=m.running_mean.dtype) * 0.1
+            )
+            m.running_var.copy_(
+                torch.rand(m.num_features, generator=g, dtype=m.running_var.dtype) + 0.5
+            )
             m.weight.data.copy_(torch.rand(m.num_features, generator=g, dtype=m.weight.dtype) + 0.5)
             m.bias.data.copy_(torch.randn(m.num_features, generator=g, dtype=m.bias.dtype) * 0.1)
     return model
 
 
-@pytest.mark.parametrize(("name", "size", "samples"), [
-    ("resnet18", 32, 12),
-    ("mobilenet_v2", 32, 12),
-    pytest.param("resnet50", 32, 8, marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+    ("name", "size", "samples"),
+    [
+        ("resnet18", 32, 12),
+        ("mobilenet_v2", 32, 12),
+        pytest.param("resnet50", 32, 8, marks=pytest.mark.slow),
+    ],
+)
 def test_options_merge_exactly_on_torchvision(name: str, size: int, samples: int) -> None:
     torch.manual_seed(0)
     model = _randomise_bn(torchvision.models.get_model(name, weights=None)).double().eval()
@@ -70,7 +77,7 @@ def test_options_merge_exactly_on_torchvision(name: str, size: int, samples: int
             err = _rel_err(merged(x), relaxed(x))
         assert err <= 1e-9, (opt, err)
         # independently: the segment's convs (branches and shortcuts, minus pruned) became one
-        items = analysis.chain(opt.chain).items[opt.start:opt.stop]
+        items = analysis.chain(opt.chain).items[opt.start : opt.stop]
         n_kept = sum(1 for it in items for u in _units_of(it) if u.layer not in opt.pruned)
         # (exact skip folds that the relaxation newly enables may merge even more)
         assert _convs(merged) <= base_convs - len(opt.pruned) - (n_kept - 1), opt
@@ -131,15 +138,20 @@ def residual_nets(draw: st.DrawFn) -> tuple[nn.Module, torch.Tensor]:
         layers += [_Block(c, k, groups, project, stride), nn.ReLU()]
         if draw(st.booleans()):
             k2 = draw(st.sampled_from([1, 3]))
-            layers += [nn.Conv2d(c, c, k2, padding=draw(st.integers(0, k2 // 2 + 1))),
-                       nn.BatchNorm2d(c), nn.ReLU6()]
+            layers += [
+                nn.Conv2d(c, c, k2, padding=draw(st.integers(0, k2 // 2 + 1))),
+                nn.BatchNorm2d(c),
+                nn.ReLU6(),
+            ]
     model = _randomise_bn(nn.Sequential(*layers), seed=draw(st.integers(0, 9))).double().eval()
     size = draw(st.integers(9, 16))
     return model, torch.randn(1, 3, size, size, dtype=torch.float64)
 
 
 @given(residual_nets(), st.data())
-def test_random_segments_merge_exactly(net: tuple[nn.Module, torch.Tensor], data: st.DataObject) -> None:
+def test_random_segments_merge_exactly(
+    net: tuple[nn.Module, torch.Tensor], data: st.DataObject
+) -> None:
     model, x = net
     gm, analysis = _prepare(model, x)
     options = [o for o in enumerate_options(analysis, prune=True) if o.needs_score]
@@ -151,7 +163,7 @@ def test_random_segments_merge_exactly(net: tuple[nn.Module, torch.Tensor], data
     chosen, used, merged_res, relaxed_branches = [], set(), set(), set()
     for opt in data.draw(st.permutations(options)):
         span = {(opt.chain, i) for i in range(opt.start, opt.stop)}
-        items = analysis.chain(opt.chain).items[opt.start:opt.stop]
+        items = analysis.chain(opt.chain).items[opt.start : opt.stop]
         inner = {it.add for it in items if isinstance(it, Residual)}
         if span & used or inner & relaxed_branches or parent[opt.chain] in merged_res:
             continue

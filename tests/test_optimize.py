@@ -1,0 +1,243 @@
+"""End-to-end depth compression under a budget (issue: latency-budgeted depth compression)."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+import torchvision
+from torch import fx, nn
+
+import fxcompress
+from fxcompress import planner
+from fxcompress.api import _Prepared, _solve, make_plan
+from fxcompress.importance import Calibration, Candidate, score_candidates
+from fxcompress.planning import enumerate_options
+
+
+class Net(nn.Module):
+    """A small residual CNN with a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.b1 = nn.Sequential(
+            nn.Conv2d(8, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Conv2d(8, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+        )
+        self.b2 = nn.Sequential(
+            nn.Conv2d(8, 16, 1),
+            nn.BatchNorm2d(16),
+            nn.ReLU6(),
+            nn.Conv2d(16, 16, 3, padding=1, groups=16),
+            nn.BatchNorm2d(16),
+            nn.ReLU6(),
+            nn.Conv2d(16, 8, 1),
+            nn.BatchNorm2d(8),
+        )
+        self.tail = nn.Sequential(
+            nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()
+        )
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = torch.relu(x + self.b1(x))
+        x = x + self.b2(x)
+        x = self.tail(x)
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    net = Net().eval()
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+    return net
+
+
+X = torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(1))
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_budget_is_met_and_model_untouched() -> None:
+    net = _net().train()
+    before = _state(net)
+    out = fxcompress.optimize(net, 0.6, example_inputs=X, latency="flops")
+    report = out.meta["fxcompress"]
+    assert report.predicted_ms <= 0.6 * report.original_ms
+    assert any(d["key"] != "keep" for d in report.decisions)
+    assert net.training
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert isinstance(out, fx.GraphModule)
+    json.dumps(report.to_dict())
+    assert "fxcompress report" in report.to_markdown()
+
+
+def test_result_equals_relaxed_model() -> None:
+    net = _net()
+    plan = make_plan(net, 0.5, X, latency="flops")
+    relaxed = fxcompress.relax(net, plan)
+    out = fxcompress.optimize(net, 0.5, example_inputs=X, latency="flops")
+    with torch.no_grad():
+        ref = relaxed(X)
+        assert float((out(X) - ref).abs().max() / ref.abs().max()) <= 1e-4
+
+
+def test_plan_is_deterministic() -> None:
+    a = make_plan(_net(), 0.6, X, latency="flops")
+    b = make_plan(_net(), 0.6, X, latency="flops")
+    assert a.to_json() == b.to_json()
+    assert fxcompress.Plan.from_json(a.to_json()) == a
+
+
+def test_infeasible_budget_names_the_minimum() -> None:
+    with pytest.raises(fxcompress.InfeasibleBudget) as info:
+        fxcompress.optimize(_net(), 0.01, example_inputs=X, latency="flops")
+    assert 0.01 < info.value.minimum <= 1.0
+    assert f"{info.value.minimum:.3g}" in str(info.value)
+
+
+def test_damage_non_increasing_and_latency_within_budget() -> None:
+    keep: list[_Prepared] = []
+    make_plan(_net(), 0.9, X, latency="flops", _keep=keep)
+    prep = keep[0]
+    low = planner.min_latency(prep.problem)
+    previous = float("inf")
+    for fraction in [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]:
+        target = fraction * prep.original
+        if target < low:
+            continue
+        plan = _solve(prep, target, {})
+        assert plan.predicted_ms <= target
+        assert plan.damage <= previous + 1e-12
+        previous = plan.damage
+    # the Pareto front of one pass: latency up, damage down
+    front = plan.front
+    assert all(a[0] <= b[0] and a[1] >= b[1] for a, b in zip(front, front[1:]))
+
+
+def test_finetune_hook_trains_the_relaxed_model() -> None:
+    seen: list[fx.GraphModule] = []
+
+    def finetune(relaxed: fx.GraphModule) -> None:
+        seen.append(relaxed)
+        with torch.no_grad():
+            for p in relaxed.parameters():
+                p.mul_(1.01)
+
+    out = fxcompress.optimize(_net(), 0.6, example_inputs=X, latency="flops", finetune=finetune)
+    assert len(seen) == 1
+    relaxed = seen[0].eval()
+    with torch.no_grad():
+        ref = relaxed(X)
+        assert float((out(X) - ref).abs().max() / ref.abs().max()) <= 1e-4
+    acts = [
+        n
+        for n in relaxed.graph.nodes
+        if n.op == "call_function"
+        and n.target in (torch.nn.functional.relu, torch.nn.functional.relu6)
+    ]
+    original_acts = 6
+    assert len(acts) < original_acts
+
+
+def test_task_loss_importance() -> None:
+    g = torch.Generator().manual_seed(3)
+    data = [
+        (torch.randn(4, 3, 12, 12, generator=g), torch.randint(0, 5, (4,), generator=g))
+        for _ in range(2)
+    ]
+    plan = make_plan(_net(), 0.6, data=data, loss_fn=nn.functional.cross_entropy, latency="flops")
+    assert plan.input_shapes == (((4, 3, 12, 12), "float32"),)
+    assert plan.damage >= 0
+
+
+def test_merge_only_method_never_prunes() -> None:
+    plan = make_plan(_net(), 0.6, X, latency="flops", methods=("merge",))
+    assert all("prune" not in key for _, _, _, key, _ in plan.segments)
+
+
+def _scoring_setup():
+    net = _net()
+    gm = fxcompress.canonicalize(fxcompress.capture(net, X))
+    analysis = fxcompress.analyze(gm)
+    cands = [
+        Candidate(o.chain, o.start, o.stop, o.key, o.pruned)
+        for o in enumerate_options(analysis, prune=True)
+        if o.needs_score
+    ]
+    return gm, analysis, cands, Calibration([(X,)], [None])
+
+
+def test_executor_gives_the_same_scores() -> None:
+    gm, analysis, cands, calib = _scoring_setup()
+    local = score_candidates(gm, analysis, cands, calib)
+    with ThreadPoolExecutor(2) as pool:
+        remote = score_candidates(gm, analysis, cands, calib, executor=pool)
+    assert local.keys() == remote.keys()
+    for k in local:
+        assert remote[k] == pytest.approx(local[k], rel=1e-5, abs=1e-12)
+
+
+def test_dask_distributed_executor() -> None:
+    import distributed  # the dev extra installs it (for users it is the optional "dask" extra)
+
+    gm, analysis, cands, calib = _scoring_setup()
+    local = score_candidates(gm, analysis, cands[:6], calib)
+    # a real local cluster: worker processes, one thread each (unpickling a GraphModule re-runs
+    # torch.fx's tracer, which is not thread-safe)
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
+        remote = score_candidates(gm, analysis, cands[:6], calib, executor=client.get_executor())
+    for k in local:
+        assert remote[k] == pytest.approx(local[k], rel=1e-5, abs=1e-12)
+
+
+def test_scoring_resumes_from_checkpoint(tmp_path, monkeypatch) -> None:
+    gm, analysis, cands, calib = _scoring_setup()
+    path = tmp_path / "scores.json"
+    first = score_candidates(gm, analysis, cands, calib, checkpoint=path)
+    import fxcompress.importance as imp
+
+    def boom(*args, **kwargs):
+        raise AssertionError("a finished candidate was scored again")
+
+    monkeypatch.setattr(imp._Scorer, "damage", boom)
+    again = score_candidates(gm, analysis, cands, calib, checkpoint=path)
+    assert again == first
+
+
+def test_candidate_finetune_mode_calls_back_per_candidate() -> None:
+    gm, analysis, cands, calib = _scoring_setup()
+    calls: list[fx.GraphModule] = []
+    scores = score_candidates(gm, analysis, cands[:4], calib, candidate_finetune=calls.append)
+    assert len(calls) == 4
+    assert all(v >= 0 for v in scores.values())
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+def test_torchvision_relax_merge_exact_and_identity(name: str) -> None:
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None).eval()
+    x = torch.randn(1, 3, 32, 32)
+    out = fxcompress.optimize(model, 0.7, example_inputs=x, latency="flops")  # check=True
+    assert out.meta["fxcompress"].max_rel_error <= 1e-4
+    same = fxcompress.optimize(model, 1.0, example_inputs=x, latency="flops")
+    with torch.no_grad():
+        ref = model(x)
+        assert float((same(x) - ref).abs().max() / ref.abs().max()) <= 1e-4
