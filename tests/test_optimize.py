@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from concurrent.futures import ThreadPoolExecutor
 
@@ -124,7 +125,7 @@ def test_damage_non_increasing_and_latency_within_budget() -> None:
         previous = plan.damage
     # the Pareto front of one pass: latency up, damage down
     front = plan.front
-    assert all(a[0] <= b[0] and a[1] >= b[1] for a, b in zip(front, front[1:]))
+    assert all(a[0] <= b[0] and a[1] >= b[1] for a, b in itertools.pairwise(front))
 
 
 def test_finetune_hook_trains_the_relaxed_model() -> None:
