@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor
@@ -623,6 +624,17 @@ def optimize(
     return result
 
 
+def _paired_latency(
+    table: LatencyTable, a: nn.Module, b: nn.Module, inputs: tuple[Any, ...], rounds: int = 3
+) -> tuple[float, float]:
+    """Median latencies of ``a`` and ``b``, measured alternately."""
+    ta, tb = [], []
+    for _ in range(rounds):
+        ta.append(table.measure_module(a, inputs))
+        tb.append(table.measure_module(b, inputs))
+    return statistics.median(ta), statistics.median(tb)
+
+
 def _optimize_below_one(
     model: nn.Module,
     b: Budget,
@@ -637,10 +649,11 @@ def _optimize_below_one(
     **kw: Any,
 ) -> tuple[fx.GraphModule, fx.GraphModule, Plan]:
     kw_plan = dict(kw.items())
-    budget: Budget = b
     keep: list[_Prepared] = []
-    plan = make_plan(model, budget, inputs, latency=table, _timings=timings, _keep=keep, **kw_plan)
+    plan = make_plan(model, b, inputs, latency=table, _timings=timings, _keep=keep, **kw_plan)
     goal = plan.budget_ms
+    original_gm = canonicalize(capture(model, inputs, leaf_modules=kw.get("leaf_modules", ())))
+    tried: list[tuple[Plan, fx.GraphModule, fx.GraphModule, float | None]] = []
     for attempt in range(max_replans + 1):
         t0 = time.perf_counter()
         relaxed = relax(model, plan, inputs)
@@ -651,20 +664,41 @@ def _optimize_below_one(
         if check:
             report.max_rel_error = _check(relaxed, result, inputs, "merge of the relaxed model")
         if table.mode != "measure":
+            tried.append((plan, relaxed, result, None))
             break
-        measured = table.measure_module(result, inputs)
-        report.final_ms = measured
-        if measured <= 1.05 * goal or attempt == max_replans:
+        # the original and the result are timed alternately in this run, so the ratio is
+        # robust to the machine's load drifting between the two measurements
+        original_ms, measured = _paired_latency(table, original_gm, result, inputs)
+        ratio = measured / original_ms
+        goal_ratio = goal / plan.original_ms
+        tried.append((plan, relaxed, result, ratio))
+        if 0.85 * goal_ratio <= ratio <= 1.05 * goal_ratio or attempt == max_replans:
             break
-        tighter = plan.budget_ms * goal / measured
-        report.replans.append({"measured_ms": measured, "goal_ms": goal, "new_budget_ms": tighter})
-        logger.info(
-            "measured %.3f ms misses %.3f ms; re-planning for %.3f ms", measured, goal, tighter
+        new_target = plan.budget_ms * goal_ratio / ratio
+        report.replans.append(
+            {
+                "measured_ratio": ratio,
+                "goal_ratio": goal_ratio,
+                "new_budget_ms": new_target,
+                "direction": "tighter" if ratio > goal_ratio else "looser",
+            }
         )
+        logger.info("measured ratio %.3f vs goal %.3f; re-planning", ratio, goal_ratio)
         try:
-            plan = _solve(keep[0], tighter, timings)
+            new_plan = _solve(keep[0], min(new_target, plan.original_ms), timings)
         except InfeasibleBudget:
             break
+        if new_plan.segments == plan.segments:
+            break
+        plan = new_plan
+    # the least damaging attempt that met the goal (else the fastest one)
+    met = [t for t in tried if t[3] is None or t[3] <= 1.05 * goal / tried[0][0].original_ms]
+    if met:
+        plan, relaxed, result, ratio = min(met, key=lambda t: (t[0].damage, t[0].predicted_ms))
+    else:
+        plan, relaxed, result, ratio = min(tried, key=lambda t: t[3] or 0.0)
+    if ratio is not None:
+        report.final_ms = ratio * plan.original_ms
     if finetune is not None:
         t0 = time.perf_counter()
         relaxed = relax(model, plan, inputs)
@@ -675,5 +709,7 @@ def _optimize_below_one(
         if check:
             report.max_rel_error = _check(relaxed, result, inputs, "merge of the fine-tuned model")
         if table.mode == "measure":
-            report.final_ms = table.measure_module(result, inputs)
+            original_gm = canonicalize(capture(model, inputs))
+            o, f = _paired_latency(table, original_gm, result, inputs)
+            report.final_ms = f / o * plan.original_ms
     return result, relaxed, plan

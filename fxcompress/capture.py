@@ -22,6 +22,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from ._graph import compare_outputs
 from .errors import CaptureError, InvalidArgument
+from .modules import Pad
 from .ops import module_call_counts
 
 __all__ = ["capture", "normalize_inputs", "propagate_shapes"]
@@ -111,6 +112,8 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.leaf_names or isinstance(m, self.leaf_types):
             return True
+        if isinstance(m, Pad):
+            return True  # fxcompress's own op: keep it recognisable when a result is re-captured
         return super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:

@@ -29,6 +29,7 @@ import torch
 from torch import fx, nn
 
 from ._graph import clone, eliminate_dead_code, finalize, install, is_unused, shape_of, topo_index
+from .canonicalize import canonicalize
 from .kernels import (
     ConvParams,
     LinearParams,
@@ -72,8 +73,9 @@ def fold_batchnorm(gm: fx.GraphModule) -> fx.GraphModule:
 def merge(gm: fx.GraphModule, *, only_if_cheaper: bool = True) -> fx.GraphModule:
     """Return a copy of ``gm`` with every exactly-mergeable run of layers merged into one layer.
 
-    BatchNorms are folded first; then conv chains, linear chains and foldable skip connections are
-    merged until nothing changes.
+    The graph is canonicalized first (see :func:`fxcompress.canonicalize`: eval-mode dropout and
+    ``nn.Identity`` go, activations get one spelling), BatchNorms are folded, then conv chains,
+    linear chains and foldable skip connections are merged until nothing changes.
 
     Parameters
     ----------
@@ -101,7 +103,8 @@ def merge(gm: fx.GraphModule, *, only_if_cheaper: bool = True) -> fx.GraphModule
     >>> torch.allclose(merged(x), m(x), atol=1e-5)
     True
     """
-    gm = clone(gm).eval()  # folds use eval (running-statistics) semantics
+    # a canonical copy: no-op layers (eval dropout, nn.Identity) no longer sit between layers
+    gm = canonicalize(gm).eval()  # folds use eval (running-statistics) semantics
     events: list[Event] = _fold_all_bn(gm)
     changed = True
     while changed:

@@ -28,6 +28,8 @@ class Pad(nn.Module):
     >>> import torch
     >>> Pad((-1, 2))(torch.ones(1, 1, 4, 4)).shape
     torch.Size([1, 1, 2, 8])
+    >>> torch.fx.symbolic_trace(Pad((-1, 0)))(torch.ones(2, 3, 5)).shape
+    torch.Size([2, 1, 5])
     """
 
     def __init__(self, amounts: tuple[int, ...]) -> None:
@@ -35,12 +37,10 @@ class Pad(nn.Module):
         self.amounts = tuple(int(a) for a in amounts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n = len(self.amounts)
-        crop = [slice(None)] * (x.dim() - n)
-        for a in self.amounts:
-            crop.append(slice(-a, a) if a < 0 else slice(None))
+        # written with constants only (no x.dim()), so that torch.fx can trace through it
         if any(a < 0 for a in self.amounts):
-            x = x[tuple(crop)]
+            crop = tuple(slice(-a, a) if a < 0 else slice(None) for a in self.amounts)
+            x = x[(Ellipsis, *crop)]
         if any(a > 0 for a in self.amounts):
             pads: list[int] = []
             for a in reversed(self.amounts):
