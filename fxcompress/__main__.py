@@ -1,0 +1,7 @@
+"""``python -m fxcompress``: the command line (see :mod:`fxcompress.cli`)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

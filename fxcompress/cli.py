@@ -1,0 +1,204 @@
+"""The ``fxcompress`` command line: ``optimize``, ``report``, ``latency``.
+
+Examples::
+
+    fxcompress optimize torchvision:resnet18 --budget 0.6 --input-shape 1,3,224,224 --out r18.pt2
+    fxcompress optimize mypkg.models:build --budget 1.0 --input-shape 1,3,64,64 --latency flops
+    fxcompress report r18.report.json
+    fxcompress latency --cache-dir .fxc --show
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import FxCompressError
+
+__all__ = ["main"]
+
+
+class UsageError(Exception):
+    """A bad command line: reported in one line with exit status 2."""
+
+
+def _load_model(spec: str, allow_pickle: bool) -> nn.Module:
+    if spec.startswith("torchvision:"):
+        import torchvision
+
+        name = spec.split(":", 1)[1]
+        if name not in torchvision.models.list_models(module=torchvision.models):
+            raise UsageError(f"unknown torchvision model {name!r}")
+        return torchvision.models.get_model(name, weights=None).eval()
+    if spec.endswith(".pt2"):
+        if not Path(spec).exists():
+            raise UsageError(f"no such file: {spec}")
+        return torch.export.load(spec).module()
+    if spec.endswith((".pt", ".pth")):
+        if not allow_pickle:
+            raise UsageError(
+                f"{spec} is a pickled model; loading it runs arbitrary code. Pass "
+                "--allow-pickle if you trust it, or export it to .pt2"
+            )
+        return torch.load(spec, weights_only=False)
+    if ":" in spec:
+        module_name, attr = spec.split(":", 1)
+        try:
+            factory = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise UsageError(f"cannot load {spec!r}: {exc}") from exc
+        model = factory() if callable(factory) and not isinstance(factory, nn.Module) else factory
+        if not isinstance(model, nn.Module):
+            raise UsageError(f"{spec!r} did not give an nn.Module (got {type(model).__name__})")
+        return model.eval()
+    raise UsageError(
+        f"model spec must be torchvision:NAME, package.module:factory or a .pt2 file, got {spec!r}"
+    )
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(s) for s in text.replace("x", ",").split(","))
+    except ValueError as exc:
+        raise UsageError(f"--input-shape must look like 1,3,224,224, got {text!r}") from exc
+    if not shape or any(s <= 0 for s in shape):
+        raise UsageError(f"--input-shape must be positive integers, got {text!r}")
+    return shape
+
+
+def _data(path: str | None) -> list[Any] | None:
+    if path is None:
+        return None
+    obj = torch.load(path, weights_only=True)
+    if isinstance(obj, torch.Tensor):
+        return list(obj.split(16))
+    if (
+        isinstance(obj, (tuple, list))
+        and len(obj) == 2
+        and all(isinstance(t, torch.Tensor) for t in obj)
+    ):
+        return list(zip(obj[0].split(16), obj[1].split(16)))
+    raise UsageError("--data must be a .pt file holding a tensor or an (inputs, targets) pair")
+
+
+def _cmd_optimize(args: argparse.Namespace) -> int:
+    import fxcompress
+    from fxcompress.io import save
+
+    model = _load_model(args.model, args.allow_pickle)
+    x = torch.randn(*_shape(args.input_shape))
+    data = _data(args.data)
+    result = fxcompress.optimize(
+        model,
+        args.budget,
+        example_inputs=x,
+        data=data,
+        latency=args.latency,
+        device=args.device,
+        cache_dir=args.cache_dir,
+        progress=not args.quiet,
+    )
+    report = result.meta["fxcompress"]
+    print(report.to_markdown())
+    if args.out:
+        out = save(result, args.out, (x,))
+        report_path = out.with_suffix(".report.json")
+        report_path.write_text(report.to_json())
+        print(f"saved {out} and {report_path}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from fxcompress.report import Report
+
+    path = Path(args.report)
+    if not path.exists():
+        raise UsageError(f"no such file: {path}")
+    try:
+        d = json.loads(path.read_text())
+    except ValueError as exc:
+        raise UsageError(f"{path} is not a JSON report: {exc}") from exc
+    d.pop("ratio", None)
+    fields = set(Report.__dataclass_fields__)
+    print(Report(**{k: v for k, v in d.items() if k in fields}).to_markdown())
+    return 0
+
+
+def _cmd_latency(args: argparse.Namespace) -> int:
+    from fxcompress.latency import LatencyTable
+
+    table = LatencyTable(mode="measure", device=args.device, cache_dir=args.cache_dir)
+    if args.model:
+        import fxcompress
+        from fxcompress.planning import enumerate_options, option_latency
+
+        model = _load_model(args.model, args.allow_pickle)
+        x = torch.randn(*_shape(args.input_shape))
+        gm = fxcompress.canonicalize(fxcompress.capture(model, x))
+        analysis = fxcompress.analyze(gm)
+        for opt in enumerate_options(analysis, prune=True):
+            option_latency(opt, analysis, table, "float32")
+        table.save()
+    print(f"cache: {table.cache_path}  entries: {len(table.entries)}")
+    if args.show:
+        for key, ms in sorted(table.entries.items(), key=lambda kv: -kv[1])[:50]:
+            print(f"{ms:10.4f} ms  {key}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fxcompress", description=__doc__.splitlines()[0])
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    o = sub.add_parser("optimize", help="compress a model under a latency budget")
+    o.add_argument("model", help="torchvision:NAME | package.module:factory | file.pt2")
+    o.add_argument("--budget", type=float, required=True, help="fraction of latency in (0, 1]")
+    o.add_argument("--input-shape", required=True, help="e.g. 1,3,224,224")
+    o.add_argument("--data", help=".pt file with a calibration tensor or (inputs, targets)")
+    o.add_argument("--latency", default="measure", choices=["measure", "flops"])
+    o.add_argument("--device", default=None)
+    o.add_argument("--cache-dir", default=None, help="latency cache directory")
+    o.add_argument("--out", default=None, help="write the result as a .pt2 program")
+    o.add_argument("--allow-pickle", action="store_true", help="allow loading pickled .pt models")
+    o.add_argument("--quiet", action="store_true", help="no progress bars")
+    o.set_defaults(func=_cmd_optimize)
+
+    r = sub.add_parser("report", help="render a saved JSON report as Markdown")
+    r.add_argument("report")
+    r.set_defaults(func=_cmd_report)
+
+    lat = sub.add_parser("latency", help="build or inspect a latency table")
+    lat.add_argument("model", nargs="?", help="measure every merge option of this model")
+    lat.add_argument("--input-shape", default="1,3,224,224")
+    lat.add_argument("--device", default="cpu")
+    lat.add_argument("--cache-dir", required=True)
+    lat.add_argument("--show", action="store_true", help="list the slowest entries")
+    lat.add_argument("--allow-pickle", action="store_true")
+    lat.set_defaults(func=_cmd_latency)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s"
+    )
+    try:
+        return int(args.func(args))
+    except (UsageError, FxCompressError) as exc:
+        print(f"fxcompress: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
