@@ -5,7 +5,11 @@ Invariants of a captured module:
 - every node that produces a tensor carries ``node.meta["tensor_meta"]`` (shape, dtype) from a
   run on the example inputs;
 - submodules called from several places are listed in ``gm.meta["fxcompress.shared"]``; rewrites
-  never change such a module in place (they install a new module per rewritten call site).
+  never change such a module in place (they install a new module per rewritten call site);
+- (with ``check=True``, the default) it computes what the model computes on the example inputs:
+  ``torch.fx`` can trace a different function without failing, e.g. ``a += b`` where another
+  name still refers to ``a``;
+- the example inputs are never written, even by a model that writes its inputs in place.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from ._graph import compare_outputs
+from ._graph import clone_tensors, compare_outputs
 from .errors import CaptureError, InvalidArgument
 from .modules import Pad
 from .ops import module_call_counts
@@ -78,18 +82,6 @@ def _check_tensors(value: Any, where: str) -> None:
         f"{where} must be a tensor (or a nested tuple/list/dict of tensors), got "
         f"{where}={_short(value)} (type={type(value).__name__})"
     )
-
-
-def _clone_inputs(value: Any) -> Any:
-    """Copies of the input tensors, so that a model writing its inputs in place cannot change
-    the caller's tensors (nor the inputs of a second run)."""
-    if isinstance(value, torch.Tensor):
-        return value.clone()
-    if isinstance(value, (tuple, list)):
-        return type(value)(_clone_inputs(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _clone_inputs(v) for k, v in value.items()}
-    return value
 
 
 def _short(value: Any) -> str:
@@ -223,7 +215,7 @@ def _check_trace(
 ) -> None:
     try:
         with torch.no_grad():
-            expected = model(*_clone_inputs(inputs))
+            expected = model(*clone_tensors(inputs))
     except Exception as exc:  # pragma: no cover - the trace ran, so the model normally does too
         raise CaptureError(
             f"the model failed on the example inputs: {type(exc).__name__}: {exc}"
@@ -254,7 +246,7 @@ def propagate_shapes(gm: fx.GraphModule, inputs: tuple[Any, ...]) -> Any:
         )
     try:
         with torch.no_grad():
-            return ShapeProp(gm).propagate(*_clone_inputs(inputs))
+            return ShapeProp(gm).propagate(*clone_tensors(inputs))
     except Exception as exc:
         raise CaptureError(
             f"the traced model failed on the example inputs: {type(exc).__name__}: {exc}. "

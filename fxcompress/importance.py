@@ -115,7 +115,7 @@ class _Scorer:
         self.reference: list[list[torch.Tensor]] = []
         self.base_loss = 0.0
         self.order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
-        with torch.no_grad():
+        with torch.inference_mode():
             for x, y in zip(calib.inputs, calib.targets):
                 env: dict[str, Any] = {}
                 out = _Recorder(gm, env).run(*x)
@@ -129,7 +129,7 @@ class _Scorer:
         total_err = 0.0
         total_ref = 0.0
         loss = 0.0
-        with torch.no_grad():
+        with torch.inference_mode():
             for i, (x, y) in enumerate(zip(self.calib.inputs, self.calib.targets)):
                 env = {
                     n: self.envs[i][n.name]
@@ -225,6 +225,8 @@ def score_candidates(
 
     done: dict[str, float] = _load(checkpoint)
     todo = [c for c in candidates if c.id not in done]
+    if todo and candidate_finetune is None:
+        gm = fold_units_for_scoring(gm, analysis)  # same function, ~30 % cheaper to run
     scorer = _Scorer(gm, calib, loss_fn)
 
     def relaxed_of(c: Candidate) -> fx.GraphModule:
@@ -268,6 +270,56 @@ def score_candidates(
                 _save(checkpoint, done)
                 pbar.update(1)
     return {c.id: done[c.id] for c in candidates}
+
+
+def fold_units_for_scoring(gm: fx.GraphModule, analysis: Analysis) -> fx.GraphModule:
+    """A copy of ``gm`` in which each unit's BatchNorm is folded into its layer.
+
+    Node names stay (the BN becomes an ``nn.Identity`` call), so the analysis still applies and
+    relaxing a segment of the copy gives the BN-folded form of relaxing it in ``gm``.
+    """
+    from torch import nn
+
+    from ._graph import shallow_clone
+    from .analysis import _units_of
+    from .kernels import ConvParams, LinearParams, fold_bn
+
+    out = shallow_clone(gm)
+    nodes = {n.name: n for n in out.graph.nodes}
+    seen: set[str] = set()
+    for chain in analysis.chains:
+        for item in chain.items:
+            for unit in _units_of(item):
+                if unit.layer in seen:
+                    continue  # branch chains repeat the units of their residual
+                seen.add(unit.layer)
+                layer, bn = nodes.get(unit.layer), nodes.get(unit.bn) if unit.bn else None
+                if layer is None or bn is None or layer.op != "call_module":
+                    continue
+                mod = out.get_submodule(str(layer.target))
+                norm = out.get_submodule(str(bn.target))
+                params: ConvParams | LinearParams
+                if isinstance(mod, nn.Linear):
+                    params = LinearParams.from_module(mod)
+                elif isinstance(mod, nn.modules.conv._ConvNd):
+                    params = ConvParams.from_module(mod)
+                else:
+                    continue
+                folded = fold_bn(
+                    params,
+                    mean=norm.running_mean,
+                    var=norm.running_var,
+                    weight=norm.weight,
+                    bias=norm.bias,
+                    eps=norm.eps,
+                )
+                new = folded.to_module()
+                if isinstance(mod, nn.modules.conv._ConvNd):
+                    new.padding = mod.padding
+                out.add_submodule(str(layer.target), new)
+                out.add_submodule(str(bn.target), nn.Identity())
+    out.recompile()
+    return out
 
 
 def _load(path: str | os.PathLike[str] | None) -> dict[str, float]:

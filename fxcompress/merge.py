@@ -15,7 +15,10 @@ runs in float64). Patterns and the reasons they are skipped:
   conv (projection shortcut, identity skip, cropped identity) under the same cost rule.
 - ``linear1 -> linear2``: merged when the product is no larger than the pair.
 
-A module called from several places is never modified: each rewritten call site gets a new module.
+A module called from several places is never modified: each rewritten call site gets a new module;
+nor is a module overwritten while anything still calls it or reads one of its attributes.
+In-place ops are respected: a chain's merged layer reads its input where the first layer did, and
+a skip is not folded when its input is written in place between the branches' reads.
 """
 
 from __future__ import annotations

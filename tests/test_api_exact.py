@@ -83,7 +83,6 @@ def macs(gm: torch.fx.GraphModule) -> int:
     return total
 
 
-@settings(max_examples=40)  # each example runs the whole pipeline; 40 keep the file fast
 @given(models(multiple_outputs=True))
 def test_optimize_at_budget_one_is_exact(case):
     model, x = case
@@ -97,12 +96,17 @@ def test_optimize_at_budget_one_is_exact(case):
     kinds = [e["kind"] for e in report.events]
     assert kinds.count("fold_bn") == foldable_bns(model)
     adds = sum(s.op == "add" for s in model.steps)
-    layers = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules()) + sum(
-        s.op == "conv_fn" for s in model.steps
+    layer_calls = sum(
+        s.op == "conv_fn"
+        or (s.op == "module" and isinstance(model.get_submodule(s.arg), (nn.Conv2d, nn.Linear)))
+        for s in model.steps
     )
     assert kinds.count("fold_skip") <= adds
-    assert kinds.count("merge") < max(layers, 1)
-    assert report.macs_after <= report.macs_before  # exact rewrites are never costlier
+    assert kinds.count("merge") < max(layer_calls, 1)  # each merge removes one layer call
+    assert macs(compiled) <= macs(capture(model, x))  # exact rewrites are never costlier
+    if not any(s.op == "conv_fn" for s in model.steps):  # Report ignores functional convs
+        assert report.macs_before == macs(capture(model, x))
+        assert report.macs_after == macs(compiled)
     assert report.max_rel_error is not None
     assert report.max_rel_error <= 1e-4
     json.dumps(report.to_dict())  # JSON-serialisable as it is
@@ -112,7 +116,7 @@ def test_optimize_at_budget_one_is_exact(case):
         assert f"{kind} ×{kinds.count(kind)}" in markdown
 
 
-@settings(max_examples=20)  # float64 variant of the property above
+@settings(max_examples=30)  # the float32 property above covers the structure; slow-ish
 @given(models(dtype=torch.float64))
 def test_optimize_at_budget_one_is_exact_in_float64(case):
     model, x = case

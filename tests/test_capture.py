@@ -13,7 +13,7 @@ import operator
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from torch import fx, nn
 
 from fxcompress import CaptureError, FxCompressError, InvalidArgument, capture
@@ -45,7 +45,6 @@ def hooked_shapes(model: nn.Module, x: torch.Tensor) -> dict[str, list[tuple[int
 # ------------------------------------------------------------------------------------------
 
 
-@settings(max_examples=50)
 @given(models(multiple_outputs=True))
 def test_shapes_are_recorded_on_every_node(case):
     model, x = case
@@ -65,7 +64,6 @@ def test_shapes_are_recorded_on_every_node(case):
     assert_equivalent(gm, model, x)
 
 
-@settings(max_examples=50)
 @given(models())
 def test_shared_modules_are_listed(case):
     model, x = case

@@ -50,7 +50,7 @@ def test_conv_chains_run_in_eval_mode_with_a_fitting_input(case):
     assert torch.isfinite(y).all()
 
 
-@settings(max_examples=30)  # 3-D and 1-D chains: a smaller sample of the same property
+@settings(max_examples=50)  # 3-D convs are slow; the 2-D test above has the full count
 @given(st.data())
 def test_conv_chains_other_dimensions_and_dtypes(data):
     ndim = data.draw(st.sampled_from((1, 3)))
@@ -76,7 +76,6 @@ def test_conv_chains_respect_their_options(case):
         assert all(1 <= d <= 3 for d in c.dilation)
 
 
-@settings(max_examples=50)
 @given(conv_chains(padding="none"))
 def test_conv_chains_without_padding(case):
     model, _ = case
@@ -139,7 +138,6 @@ def test_linear_chains(case):
         assert model(x).shape[-1] == linears[-1].out_features
 
 
-@settings(max_examples=50)
 @given(models())
 def test_models_trace_and_run(case):
     model, x = case
@@ -229,7 +227,7 @@ def test_default_tolerances():
     assert default_rtol(torch.float64) == 1e-9
     assert default_rtol(torch.float32) == 1e-4
     assert default_rtol(torch.float16) == 1e-2
-    assert default_rtol(torch.bfloat16) == 1e-2
+    assert default_rtol(torch.bfloat16) == 5e-2
     assert default_rtol(torch.int32) == 0.0
 
 
@@ -348,3 +346,14 @@ def test_hypothesis_is_optional():
     assert out[0].split() == ["False", "False"]
     assert out[1] == "0.0"
     assert "pip install hypothesis" in out[2]
+
+
+def test_each_model_gets_its_own_copy_of_the_inputs():
+    class Doubler(nn.Module):
+        def forward(self, x):
+            return x.mul_(2.0)  # writes its input and returns it
+
+    x = torch.randn(3)
+    original = x.clone()
+    assert assert_equivalent(Doubler(), lambda t: 2.0 * t, x) == 0.0
+    assert torch.equal(x, original)

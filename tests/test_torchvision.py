@@ -10,11 +10,11 @@ For each builder in ``torchvision.models.list_models(module=torchvision.models)`
 
 Tiers: models with more than ~100M parameters, or that take more than ~10 s here, are marked
 ``slow`` and left out of the default run (``pytest -m "not slow"``); run them with
-``pytest -m slow tests/test_torchvision.py`` (or ``-n 2 --dist loadgroup``, which keeps the two
-~13 GB models in :data:`HUGE` on one worker; plain ``-n 2`` may run them together and run out of
-memory on a 23 GB machine). Models that fail because of a known library bug are
-listed in :data:`KNOWN_FAILURES` and tested to still fail (so a fix shows up as a failure to
-remove them from the list).
+``pytest -m slow tests/test_torchvision.py`` (``-n 2`` works too: the two ~15 GB models in
+:data:`HUGE` take a file lock so that they never run at the same time).
+
+Models that fail because of a known library bug are listed in :data:`KNOWN_FAILURES` and tested
+to still fail (so a fix shows up as a failure to remove them from the list).
 
 ``benchmarks/torchvision_coverage.py`` imports :func:`build`, :data:`SLOW` and
 :data:`KNOWN_FAILURES` from here, so the benchmark and the tests cover the same configurations.
@@ -22,7 +22,11 @@ remove them from the list).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,6 +34,11 @@ import torchvision
 from torch import fx, nn
 
 import fxcompress
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no lock (run the slow tier without -n there)
+    fcntl = None  # type: ignore[assignment]
 
 MODELS: tuple[str, ...] = tuple(torchvision.models.list_models(module=torchvision.models))
 
@@ -77,8 +86,8 @@ SLOW: frozenset[str] = frozenset(
     }
 )
 
-# ~13 GB peak memory each (about 3.5 copies of their weights inside optimize): one worker runs
-# them one after the other under ``pytest -n 2 --dist loadgroup``.
+# ~13-16 GB peak memory each (optimize holds about 3.5 copies of the weights): checked under an
+# inter-process file lock so that pytest-xdist workers never run two of them at once.
 HUGE: frozenset[str] = frozenset({"regnet_y_128gf", "vit_h_14"})
 
 # Models that fail because of a library bug: name -> reason. Each is tested to still fail.
@@ -206,8 +215,28 @@ def _snapshot(model: nn.Module) -> tuple[dict[str, tuple[object, ...]], dict[str
     return state, flags
 
 
+@contextlib.contextmanager
+def _one_at_a_time(name: str) -> Iterator[None]:
+    """Hold an inter-process lock while checking a model of :data:`HUGE` (POSIX only)."""
+    if name not in HUGE or fcntl is None:
+        yield
+        return
+    path = Path(tempfile.gettempdir()) / "fxcompress-test-torchvision-huge.lock"
+    with path.open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def check_model(name: str, size: int | None = None) -> dict[str, object]:
     """Run optimize on ``name`` and assert everything this module promises; return the facts."""
+    with _one_at_a_time(name):
+        return _check_model(name, size)
+
+
+def _check_model(name: str, size: int | None) -> dict[str, object]:
     model, x = build(name, size)
     state, flags = _snapshot(model)
     with torch.no_grad():
@@ -230,15 +259,13 @@ def check_model(name: str, size: int | None = None) -> dict[str, object]:
     kinds: dict[str, int] = {}
     for e in report.events:
         kinds[e["kind"]] = kinds.get(e["kind"], 0) + 1
-    return {"model": model, "x": x, "report": report, "kinds": kinds, "err": err}
+    return {"model": model, "compiled": compiled, "report": report, "kinds": kinds, "err": err}
 
 
 def _param(name: str) -> object:
     marks = []
     if name in SLOW:
         marks.append(pytest.mark.slow)
-    if name in HUGE:
-        marks.append(pytest.mark.xdist_group("huge"))
     return pytest.param(name, marks=marks, id=name)
 
 
@@ -247,6 +274,7 @@ WORKING = [n for n in MODELS if n not in KNOWN_FAILURES]
 
 @pytest.mark.parametrize("name", [_param(n) for n in WORKING])
 def test_optimize_is_exact_and_folds_every_conv_bn(name: str) -> None:
+    """Exact, leaves the caller's model alone, and folds each conv->BatchNorm pair."""
     facts = check_model(name)
     model = facts["model"]
     assert isinstance(model, nn.Module)
@@ -259,6 +287,23 @@ def test_optimize_is_exact_and_folds_every_conv_bn(name: str) -> None:
             f"{name}: {kinds.get('fold_bn', 0)} fold_bn events, but {expected} BatchNorms "
             "directly follow a conv in the traced graph"
         )
+        compiled = facts["compiled"]
+        assert isinstance(compiled, fx.GraphModule)
+        assert count_conv_bn(compiled) == 0, f"{name}: a conv->BatchNorm pair is left"
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small"])
+def test_caller_model_in_train_mode_is_unchanged(name: str) -> None:
+    """A model handed over in train mode stays so; its BatchNorm statistics are not updated."""
+    model, x = build(name)
+    model.train()
+    state, flags = _snapshot(model)
+    compiled = fxcompress.optimize(model, 1.0, example_inputs=x, latency="flops")
+    assert _snapshot(model) == (state, flags)
+    assert all(flags.values())
+    with torch.no_grad():
+        err = rel_error(compiled(x), model.eval()(x))
+    assert err <= RTOL
 
 
 def test_known_failures_still_fail() -> None:
