@@ -21,6 +21,7 @@ import copy
 import json
 import logging
 import os
+import pickle
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor
@@ -166,14 +167,39 @@ def _first_node(analysis: Analysis, cand: Candidate, gm: fx.GraphModule) -> str:
     return items[0].input
 
 
+class _Packed:
+    """A GraphModule pickled to bytes, unpacked only where it is run.
+
+    Unpickling a GraphModule re-runs torch.fx's tracer, which patches ``nn.Module.__call__`` for
+    the whole process. Keeping it as bytes means a distributed scheduler that deserialises task
+    arguments in a thread of the caller's process never traces concurrently with the caller.
+    """
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm: fx.GraphModule | None = gm
+        self.blob: bytes | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        blob = self.blob if self.blob is not None else pickle.dumps(self.gm)
+        return {"gm": None, "blob": blob}
+
+    def load(self) -> fx.GraphModule:
+        if self.gm is None:
+            assert self.blob is not None
+            self.gm = pickle.loads(self.blob)
+        return self.gm
+
+
 def _remote_damage(
-    relaxed: fx.GraphModule,
+    relaxed: fx.GraphModule | _Packed,
     calib: Calibration,
     reference: list[list[torch.Tensor]],
     base_loss: float,
     loss_fn: Callable[[Any, Any], torch.Tensor] | None,
 ) -> float:
     """Score one relaxed model from scratch (used with a user-supplied executor)."""
+    if isinstance(relaxed, _Packed):
+        relaxed = relaxed.load()
     err = ref = loss = 0.0
     with torch.no_grad():
         for i, (x, y) in enumerate(zip(calib.inputs, calib.targets)):
@@ -259,7 +285,7 @@ def score_candidates(
                     relaxed.eval()
                 futures[c.id] = executor.submit(
                     _remote_damage,
-                    relaxed,
+                    _Packed(relaxed),
                     calib,
                     scorer.reference,
                     scorer.base_loss,
