@@ -35,11 +35,13 @@ def run_one(name: str, batch: int, budget: float, size: int, latency: str, cache
     torch.manual_seed(0)
     model = torchvision.models.get_model(name, weights=None).eval()
     x = torch.randn(batch, 3, size, size)
-    calib = [torch.randn(16, 3, size, size) for _ in range(4)]  # 64 calibration images
+    g = torch.Generator().manual_seed(1)  # the same 64 calibration images for every run
+    calib = [torch.randn(16, 3, size, size, generator=g) for _ in range(4)]
     t0 = time.perf_counter()
     try:
         out = fxcompress.optimize(model, budget, example_inputs=x, data=calib, latency=latency,
-                                  cache_dir=cache, progress=False, calibration_batches=4)
+                                  cache_dir=cache, progress=False, calibration_batches=4,
+                                  importance_checkpoint=f"{cache}/importance-{name}-{size}.json")
     except fxcompress.InfeasibleBudget as exc:
         return {"model": name, "batch": batch, "budget": budget, "infeasible": exc.minimum}
     wall = time.perf_counter() - t0

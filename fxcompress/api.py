@@ -270,6 +270,7 @@ def make_plan(
     progress: bool | None = None,
     calibration_batches: int = 4,
     executor: Executor | None = None,
+    importance_checkpoint: str | None = None,
     candidate_finetune: Callable[[fx.GraphModule], None] | None = None,
     leaf_modules: Sequence[str] = (),
     resolution: int = 2000,
@@ -332,6 +333,7 @@ def make_plan(
         loss_fn=loss_fn,
         candidate_finetune=candidate_finetune,
         executor=executor,
+        checkpoint=importance_checkpoint,
         progress=progress,
     )
     timings["importance"] = time.perf_counter() - t0
@@ -481,6 +483,7 @@ def optimize(
     progress: bool | None = None,
     calibration_batches: int = 4,
     executor: Executor | None = None,
+    importance_checkpoint: str | None = None,
     candidate_finetune: Callable[[fx.GraphModule], None] | None = None,
     leaf_modules: Sequence[str] = (),
     max_replans: int = 3,
@@ -519,6 +522,9 @@ def optimize(
         Number of ``data`` batches used for scoring.
     executor : concurrent.futures.Executor, optional
         Scores candidates through it (e.g. a Dask client's executor).
+    importance_checkpoint : str, optional
+        JSON file of finished damage scores: reused and extended, so an interrupted run resumes
+        and runs at several budgets on the same model and data score each option once.
     candidate_finetune : callable, optional
         LayerMerge-faithful importance: briefly train each candidate before scoring it.
     leaf_modules : sequence of str or type
@@ -597,6 +603,7 @@ def optimize(
             progress=progress,
             calibration_batches=calibration_batches,
             executor=executor,
+            importance_checkpoint=importance_checkpoint,
             candidate_finetune=candidate_finetune,
             leaf_modules=leaf_modules,
             max_replans=max_replans,
