@@ -572,7 +572,7 @@ def optimize(
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
-    gm = canonicalize(capture(model, inputs, leaf_modules=leaf_modules))
+    gm = canonicalize(capture(model, inputs, leaf_modules=leaf_modules, check=check))
     report = Report(
         budget=b.fraction if b.fraction is not None else float("nan"),
         latency_mode=table.mode,
