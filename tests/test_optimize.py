@@ -242,3 +242,21 @@ def test_torchvision_relax_merge_exact_and_identity(name: str) -> None:
     with torch.no_grad():
         ref = model(x)
         assert float((same(x) - ref).abs().max() / ref.abs().max()) <= 1e-4
+
+
+def test_measured_latency_closed_loop_reports_measurements(tmp_path) -> None:
+    table = fxcompress.LatencyTable(mode="measure", repeats=3, warmup=1, cache_dir=tmp_path)
+    net = _net()
+    try:
+        out = fxcompress.optimize(net, 0.9, example_inputs=X, latency=table, max_replans=1)
+    except fxcompress.InfeasibleBudget as exc:  # timing-dependent; the message must say why
+        assert 0.9 < exc.minimum
+        return
+    report = out.meta["fxcompress"]
+    assert report.latency_mode == "measure"
+    assert report.original_ms > 0
+    assert report.final_ms is not None
+    assert report.ratio is not None
+    assert len(report.replans) <= 1
+    assert report.predicted_ms <= 0.9 * report.original_ms + 1e-9
+    assert list(tmp_path.glob("latency-*.json")), "the measured table was cached on disk"
