@@ -250,7 +250,7 @@ def test_measured_latency_closed_loop_reports_measurements(tmp_path) -> None:
     try:
         out = fxcompress.optimize(net, 0.9, example_inputs=X, latency=table, max_replans=1)
     except fxcompress.InfeasibleBudget as exc:  # timing-dependent; the message must say why
-        assert 0.9 < exc.minimum
+        assert exc.minimum > 0.9
         return
     report = out.meta["fxcompress"]
     assert report.latency_mode == "measure"
