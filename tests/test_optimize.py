@@ -247,10 +247,13 @@ def test_torchvision_relax_merge_exact_and_identity(name: str) -> None:
 def test_measured_latency_closed_loop_reports_measurements(tmp_path) -> None:
     table = fxcompress.LatencyTable(mode="measure", repeats=3, warmup=1, cache_dir=tmp_path)
     net = _net()
+    minimum = None
     try:
         out = fxcompress.optimize(net, 0.9, example_inputs=X, latency=table, max_replans=1)
     except fxcompress.InfeasibleBudget as exc:  # timing-dependent; the message must say why
-        assert exc.minimum > 0.9
+        minimum = exc.minimum
+    if minimum is not None:
+        assert minimum > 0.9
         return
     report = out.meta["fxcompress"]
     assert report.latency_mode == "measure"
