@@ -99,8 +99,22 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--out", default=str(RESULTS / "depth.md"))
+    ap.add_argument("--from-log", help="render the tables from a log of this script's JSON lines")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.from_log:
+        rows, e2e = [], None
+        for line in Path(args.from_log).read_text().splitlines():
+            if not line.startswith("{"):
+                continue
+            row = json.loads(line)
+            if "resnet34_end_to_end" in row:
+                e2e = row["resnet34_end_to_end"]
+            else:
+                rows.append(row)
+        write_markdown(rows, e2e, args)
+        write_plot(rows, Path(args.out).with_suffix(".png"))
+        return
 
     rows = []
     for name in args.models:
