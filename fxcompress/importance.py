@@ -308,7 +308,8 @@ def fold_units_for_scoring(gm: fx.GraphModule, analysis: Analysis) -> fx.GraphMo
 
     from ._graph import shallow_clone
     from .analysis import _units_of
-    from .kernels import ConvParams, LinearParams, fold_bn
+    from .kernels import fold_bn
+    from .ops import bn_statistics, layer_of
 
     out = shallow_clone(gm)
     nodes = {n.name: n for n in out.graph.nodes}
@@ -322,26 +323,11 @@ def fold_units_for_scoring(gm: fx.GraphModule, analysis: Analysis) -> fx.GraphMo
                 layer, bn = nodes.get(unit.layer), nodes.get(unit.bn) if unit.bn else None
                 if layer is None or bn is None or layer.op != "call_module":
                     continue
-                mod = out.get_submodule(str(layer.target))
-                norm = out.get_submodule(str(bn.target))
-                params: ConvParams | LinearParams
-                if isinstance(mod, nn.Linear):
-                    params = LinearParams.from_module(mod)
-                elif isinstance(mod, nn.modules.conv._ConvNd):
-                    params = ConvParams.from_module(mod)
-                else:
+                params = layer_of(out, layer)
+                if params is None:
                     continue
-                folded = fold_bn(
-                    params,
-                    mean=norm.running_mean,
-                    var=norm.running_var,
-                    weight=norm.weight,
-                    bias=norm.bias,
-                    eps=norm.eps,
-                )
-                new = folded.to_module()
-                if isinstance(mod, nn.modules.conv._ConvNd):
-                    new.padding = mod.padding
+                norm = out.get_submodule(str(bn.target))
+                new = fold_bn(params, **bn_statistics(norm)).to_module()
                 out.add_submodule(str(layer.target), new)
                 out.add_submodule(str(bn.target), nn.Identity())
     out.recompile()

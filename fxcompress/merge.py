@@ -44,7 +44,16 @@ from .kernels import (
     identity,
 )
 from .modules import Pad
-from .ops import aliases, batchnorm_of, is_add, layer_of, mutated_input, pad_of, single_user
+from .ops import (
+    aliases,
+    batchnorm_of,
+    bn_statistics,
+    is_add,
+    layer_of,
+    mutated_input,
+    pad_of,
+    single_user,
+)
 
 __all__ = ["fold_batchnorm", "merge"]
 
@@ -149,14 +158,7 @@ def _fold_all_bn(gm: fx.GraphModule) -> list[Event]:
             continue
         if isinstance(layer, LinearParams) and len(shape_of(producer) or ()) != 2:
             continue  # BatchNorm1d on a 3-D linear output normalises another axis
-        folded = fold_bn(
-            layer,
-            mean=bn.running_mean,
-            var=bn.running_var,
-            weight=bn.weight,
-            bias=bn.bias,
-            eps=bn.eps,
-        )
+        folded = fold_bn(layer, **bn_statistics(bn))
         name = _emit(gm, producer, node, folded, preferred=_name_hint(producer))
         events.append(
             {"kind": "fold_bn", "layer": _name_hint(producer), "bn": str(node.target), "into": name}
@@ -195,14 +197,7 @@ def _fold_bn_before(gm: fx.GraphModule) -> list[Event]:
             or any(p > 0 for p in layer.padding)
         ):
             continue
-        folded = fold_bn_before(
-            layer,
-            mean=bn.running_mean,
-            var=bn.running_var,
-            weight=bn.weight,
-            bias=bn.bias,
-            eps=bn.eps,
-        )
+        folded = fold_bn_before(layer, **bn_statistics(bn))
         name = _emit(gm, node, consumer, folded, preferred=_name_hint(consumer))
         events.append(
             {

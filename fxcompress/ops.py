@@ -308,6 +308,17 @@ def pad_of(gm: fx.GraphModule, node: fx.Node) -> tuple[int, ...] | None:
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
+def bn_statistics(bn: nn.modules.batchnorm._BatchNorm) -> dict[str, Any]:
+    """The keyword arguments :func:`fxcompress.kernels.fold_bn` takes, read off ``bn``."""
+    return {
+        "mean": bn.running_mean,
+        "var": bn.running_var,
+        "weight": bn.weight,
+        "bias": bn.bias,
+        "eps": bn.eps,
+    }
+
+
 def batchnorm_of(gm: fx.GraphModule, node: fx.Node) -> nn.modules.batchnorm._BatchNorm | None:
     """The BatchNorm module called by ``node`` if it normalises with running statistics."""
     if node.op != "call_module":
