@@ -134,6 +134,8 @@ class Plan:
     damage: float
     leaf_modules: tuple[str, ...] = ()
     front: tuple[tuple[float, float], ...] = field(default=())
+    #: predicted (kept, planned) milliseconds of each segment, aligned with ``segments``
+    segment_ms: tuple[tuple[float, float], ...] = field(default=())
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -146,6 +148,7 @@ class Plan:
             "damage": self.damage,
             "leaf_modules": list(self.leaf_modules),
             "front": [list(p) for p in self.front],
+            "segment_ms": [list(p) for p in self.segment_ms],
         }
 
     def to_json(self) -> str:
@@ -162,6 +165,7 @@ class Plan:
             damage=float(d["damage"]),
             leaf_modules=tuple(d.get("leaf_modules", ())),
             front=tuple(tuple(p) for p in d.get("front", ())),
+            segment_ms=tuple(tuple(map(float, p)) for p in d.get("segment_ms", ())),
         )
 
     @classmethod
@@ -413,7 +417,29 @@ def _solve(prep: _Prepared, target: float, timings: dict[str, float]) -> Plan:
         damage=solution.damage,
         leaf_modules=prep.leaf_modules,
         front=tuple(front),
+        segment_ms=tuple(_segment_ms(prep.problem, d) for d in solution.decisions),
     )
+
+
+def _segment_ms(problem: planner.Problem, decision: planner.Decision) -> tuple[float, float]:
+    """Predicted ms of a decision's span kept as it is, and as planned (its own part only)."""
+    chains = {c.name: c for c in problem.chains}
+
+    def choice(chain: str, start: int, stop: int, key: str) -> planner.Choice:
+        seg = next(s for s in chains[chain].segments if (s.start, s.stop) == (start, stop))
+        return next(c for c in seg.choices if c.key == key)
+
+    def kept(chain: str, start: int, stop: int) -> float:
+        total = 0.0
+        for i in range(start, stop):
+            c = choice(chain, i, i + 1, "keep")
+            total += c.latency + sum(kept(sub, 0, chains[sub].length) for sub in c.sub)
+        return total
+
+    own = choice(decision.chain, decision.start, decision.stop, decision.key).latency
+    if decision.key == "keep":
+        return (own, own)
+    return (kept(decision.chain, decision.start, decision.stop), own)
 
 
 def _kept_latency(opt: Any, analysis: Analysis, table: LatencyTable, dtype: str) -> float:
@@ -628,11 +654,21 @@ def optimize(
         )
         report.predicted_ms = plan.predicted_ms
         report.damage = plan.damage
+        ms = plan.segment_ms or ((float("nan"), float("nan")),) * len(plan.segments)
         report.decisions = [
-            {"chain": c, "start": s, "stop": e, "key": k, "pruned": list(p)}
-            for c, s, e, k, p in plan.segments
+            {
+                "chain": c,
+                "start": s,
+                "stop": e,
+                "key": k,
+                "pruned": list(p),
+                "ms_kept": before,
+                "ms_planned": after,
+            }
+            for (c, s, e, k, p), (before, after) in zip(plan.segments, ms)
         ]
         report.original_ms = plan.original_ms
+        report.front = [[float(ms), float(dmg)] for ms, dmg in plan.front]
         report.kept = [list(k) for k in analyze(gm).kept]
     report.events += [e for e in result.meta.get("fxcompress.events", []) if e not in report.events]
     report.params_after = count_params(result)

@@ -32,6 +32,8 @@ class Report:
     replans: list[dict[str, Any]] = field(default_factory=list)
     max_rel_error: float | None = None
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    #: Pareto front of the plan: ``[predicted_ms, damage]`` pairs, fastest first.
+    front: list[list[float]] = field(default_factory=list)
 
     @property
     def ratio(self) -> float | None:
