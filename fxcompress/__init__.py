@@ -21,6 +21,7 @@ from .errors import (
     InvalidArgument,
     RewriteError,
 )
+from .io import load, load_plan, save, save_plan
 from .latency import LatencyTable, OpSpec
 from .merge import fold_batchnorm, merge
 from .report import Report
@@ -43,11 +44,15 @@ __all__ = [
     "canonicalize",
     "capture",
     "fold_batchnorm",
+    "load",
+    "load_plan",
     "make_plan",
     "merge",
     "optimize",
     "plan",
     "relax",
+    "save",
+    "save_plan",
 ]
 
 __version__ = "0.1.0"
