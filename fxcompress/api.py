@@ -12,11 +12,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,7 +27,7 @@ from .analysis import Analysis, Residual, analyze
 from .canonicalize import canonicalize
 from .capture import capture, normalize_inputs, propagate_shapes
 from .errors import InfeasibleBudget, InvalidArgument, RewriteError
-from .importance import Calibration, Candidate, score_candidates
+from .importance import Calibration, Candidate, fingerprint, score_candidates
 from .latency import LatencyTable, OpSpec
 from .merge import merge
 from .planning import (
@@ -39,6 +39,7 @@ from .planning import (
 )
 from .relax import apply_segments
 from .report import Report, count_macs, count_params
+from .timing import paired_timing
 
 __all__ = ["Budget", "Plan", "make_plan", "optimize", "relax"]
 
@@ -345,6 +346,10 @@ def make_plan(
     candidates = [
         Candidate(o.chain, o.start, o.stop, o.key, o.pruned) for o in options if o.needs_score
     ]
+    checkpoint = importance_checkpoint
+    if checkpoint is None and cache_dir is not None and _cacheable(loss_fn, candidate_finetune):
+        key = fingerprint(gm, calib, loss_fn, candidate_finetune)
+        checkpoint = str(Path(cache_dir) / f"importance-{key}.json")
     scores = score_candidates(
         gm,
         analysis,
@@ -353,7 +358,7 @@ def make_plan(
         loss_fn=loss_fn,
         candidate_finetune=candidate_finetune,
         executor=executor,
-        checkpoint=importance_checkpoint,
+        checkpoint=checkpoint,
         progress=progress,
     )
     timings["importance"] = time.perf_counter() - t0
@@ -440,6 +445,11 @@ def _segment_ms(problem: planner.Problem, decision: planner.Decision) -> tuple[f
     if decision.key == "keep":
         return (own, own)
     return (kept(decision.chain, decision.start, decision.stop), own)
+
+
+def _cacheable(loss_fn: Any, candidate_finetune: Any) -> bool:
+    """Whether damage scores can be cached under a fingerprint without an explicit path."""
+    return candidate_finetune is None and (loss_fn is None or isinstance(loss_fn, nn.Module))
 
 
 def _kept_latency(opt: Any, analysis: Analysis, table: LatencyTable, dtype: str) -> float:
@@ -566,7 +576,13 @@ def optimize(
         Scores candidates through it (e.g. a Dask client's executor).
     importance_checkpoint : str, optional
         JSON file of finished damage scores: reused and extended, so an interrupted run resumes
-        and runs at several budgets on the same model and data score each option once.
+        and runs at several budgets on the same model and data score each option once. Scores
+        are stamped with a fingerprint of the graph, its weights, the calibration batches and the
+        names of ``loss_fn``/``candidate_finetune``; a file with another fingerprint is ignored
+        (with a warning) and overwritten. By default, with ``cache_dir`` given and ``loss_fn``
+        either None or an ``nn.Module``, scores are kept in ``cache_dir`` under their
+        fingerprint; with a plain-function ``loss_fn`` pass a checkpoint explicitly (a
+        function's name does not pin down what it computes).
     candidate_finetune : callable, optional
         LayerMerge-faithful importance: briefly train each candidate before scoring it.
     leaf_modules : sequence of str or type
@@ -684,14 +700,32 @@ def optimize(
 
 
 def _paired_latency(
-    table: LatencyTable, a: nn.Module, b: nn.Module, inputs: tuple[Any, ...], rounds: int = 3
+    table: LatencyTable, a: nn.Module, b: nn.Module, inputs: tuple[Any, ...], pairs: int = 15
 ) -> tuple[float, float]:
-    """Median latencies of ``a`` and ``b``, measured alternately."""
-    ta, tb = [], []
-    for _ in range(rounds):
-        ta.append(table.measure_module(a, inputs))
-        tb.append(table.measure_module(b, inputs))
-    return statistics.median(ta), statistics.median(tb)
+    """Latencies of ``a`` and ``b`` timed alternately (see :mod:`fxcompress.timing`)."""
+    device = table.device
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    t = paired_timing(a, b, inputs, pairs=pairs, threads=table.threads, sync=sync)
+    if t.spread > 0.1:
+        logger.info("noisy latency measurement: per-pair ratios spread %.0f %%", 100 * t.spread)
+    return t.a_ms, t.b_ms
+
+
+def _next_target(history: list[tuple[float, float]], aim: float) -> float:
+    """The budget (ms) to plan for next so the measured ratio lands on ``aim``.
+
+    ``history`` holds (planned budget ms, measured ratio) of every attempt. Between two attempts
+    that bracket ``aim`` the budget is interpolated linearly; otherwise it is scaled from the
+    attempt closest to ``aim`` in proportion to its miss.
+    """
+    below = [h for h in history if h[1] <= aim]
+    above = [h for h in history if h[1] > aim]
+    if below and above:
+        (t0, r0), (t1, r1) = max(below, key=lambda h: h[1]), min(above, key=lambda h: h[1])
+        if r1 > r0:
+            return t0 + (t1 - t0) * (aim - r0) / (r1 - r0)
+    target, ratio = min(history, key=lambda h: abs(h[1] - aim))
+    return target * aim / ratio
 
 
 def _optimize_below_one(
@@ -713,7 +747,10 @@ def _optimize_below_one(
     goal = plan.budget_ms
     original_gm = canonicalize(capture(model, inputs, leaf_modules=kw.get("leaf_modules", ())))
     tried: list[tuple[Plan, fx.GraphModule, fx.GraphModule, float | None]] = []
+    history: list[tuple[float, float]] = []
+    seen = set()
     for attempt in range(max_replans + 1):
+        seen.add(plan.segments)
         t0 = time.perf_counter()
         relaxed = relax(model, plan, inputs)
         timings["relax"] = timings.get("relax", 0.0) + time.perf_counter() - t0
@@ -727,13 +764,17 @@ def _optimize_below_one(
             break
         # the original and the result are timed alternately in this run, so the ratio is
         # robust to the machine's load drifting between the two measurements
+        t0 = time.perf_counter()
         original_ms, measured = _paired_latency(table, original_gm, result, inputs)
+        timings["measure"] = timings.get("measure", 0.0) + time.perf_counter() - t0
         ratio = measured / original_ms
         goal_ratio = goal / plan.original_ms
         tried.append((plan, relaxed, result, ratio))
+        history.append((plan.budget_ms, ratio))
         if 0.85 * goal_ratio <= ratio <= 1.05 * goal_ratio or attempt == max_replans:
             break
-        new_target = plan.budget_ms * goal_ratio / ratio
+        # aim inside the accepted band [0.85, 1.05] x goal, nearer its top (least damage)
+        new_target = _next_target(history, 0.96 * goal_ratio)
         report.replans.append(
             {
                 "measured_ratio": ratio,
@@ -747,7 +788,7 @@ def _optimize_below_one(
             new_plan = _solve(keep[0], min(new_target, plan.original_ms), timings)
         except InfeasibleBudget:
             break
-        if new_plan.segments == plan.segments:
+        if new_plan.segments in seen:
             break
         plan = new_plan
     # the least damaging attempt that met the goal (else the fastest one)

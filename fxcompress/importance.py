@@ -18,6 +18,7 @@ would have to be shipped), and finished scores can be kept in a JSON file to res
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import os
@@ -90,6 +91,46 @@ def split_batch(batch: Any) -> tuple[tuple[Any, ...], Any]:
     if isinstance(batch, (tuple, list)) and batch:
         return tuple(batch), None
     raise TypeError(f"a batch must be a tensor or (inputs, targets), got {type(batch).__name__}")
+
+
+def fingerprint(
+    gm: fx.GraphModule,
+    calib: Calibration,
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+    candidate_finetune: Callable[[fx.GraphModule], None] | None = None,
+) -> str:
+    """A digest of everything a damage score depends on.
+
+    The graph's code, every parameter and buffer, the calibration batches and the names of
+    ``loss_fn`` and ``candidate_finetune`` (their ``repr`` for modules). Scores saved under one
+    fingerprint are never used for another.
+    """
+    h = hashlib.blake2b(digest_size=16)
+    h.update(gm.code.encode())
+
+    def add(value: Any) -> None:
+        for t in _flat(value):
+            t = t.detach().cpu().contiguous()
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+    for name, t in (*gm.named_parameters(), *gm.named_buffers()):
+        h.update(name.encode())
+        add(t)
+    for x, y in zip(calib.inputs, calib.targets):
+        add(list(x))
+        add(y)
+    for fn in (loss_fn, candidate_finetune):
+        h.update(_callable_name(fn).encode())
+    return h.hexdigest()
+
+
+def _callable_name(fn: Any) -> str:
+    if fn is None:
+        return "None"
+    if isinstance(fn, torch.nn.Module):
+        return repr(fn)
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
 
 
 def _flat(out: Any) -> list[torch.Tensor]:
@@ -249,7 +290,8 @@ def score_candidates(
     """
     from .progress import bar
 
-    done: dict[str, float] = _load(checkpoint)
+    key = fingerprint(gm, calib, loss_fn, candidate_finetune) if checkpoint is not None else ""
+    done: dict[str, float] = _load(checkpoint, key)
     todo = [c for c in candidates if c.id not in done]
     if todo and candidate_finetune is None:
         gm = fold_units_for_scoring(gm, analysis)  # same function, ~30 % cheaper to run
@@ -273,7 +315,7 @@ def score_candidates(
                     )
                 else:
                     done[c.id] = scorer.damage(relaxed, _first_node(analysis, c, gm))
-                _save(checkpoint, done)
+                _save(checkpoint, done, key)
                 pbar.update(1)
         else:
             futures = {}
@@ -293,7 +335,7 @@ def score_candidates(
                 )
             for cid, fut in futures.items():
                 done[cid] = float(fut.result())
-                _save(checkpoint, done)
+                _save(checkpoint, done, key)
                 pbar.update(1)
     return {c.id: done[c.id] for c in candidates}
 
@@ -334,23 +376,31 @@ def fold_units_for_scoring(gm: fx.GraphModule, analysis: Analysis) -> fx.GraphMo
     return out
 
 
-def _load(path: str | os.PathLike[str] | None) -> dict[str, float]:
+def _load(path: str | os.PathLike[str] | None, key: str) -> dict[str, float]:
     if path is None or not Path(path).exists():
         return {}
     try:
         data = json.loads(Path(path).read_text())
-        return {str(k): float(v) for k, v in data.get("scores", {}).items()}
-    except (ValueError, OSError, AttributeError) as exc:
+        scores = {str(k): float(v) for k, v in data.get("scores", {}).items()}
+    except (ValueError, OSError, AttributeError, TypeError) as exc:
         logger.warning("ignoring unreadable importance checkpoint %s: %s", path, exc)
         return {}
+    if data.get("fingerprint") != key:
+        logger.warning(
+            "importance checkpoint %s was made for another model, calibration data or loss; "
+            "scoring afresh and overwriting it",
+            path,
+        )
+        return {}
+    return scores
 
 
-def _save(path: str | os.PathLike[str] | None, scores: dict[str, float]) -> None:
+def _save(path: str | os.PathLike[str] | None, scores: dict[str, float], key: str) -> None:
     if path is None:
         return
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".imp-", suffix=".json")
     with os.fdopen(fd, "w") as fh:
-        json.dump({"format": 1, "scores": dict(sorted(scores.items()))}, fh)
+        json.dump({"format": 2, "fingerprint": key, "scores": dict(sorted(scores.items()))}, fh)
     os.replace(tmp, target)

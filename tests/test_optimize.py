@@ -223,6 +223,43 @@ def test_scoring_resumes_from_checkpoint(tmp_path, monkeypatch) -> None:
     assert again == first
 
 
+def test_checkpoint_of_another_model_or_data_is_not_used(tmp_path, caplog) -> None:
+    gm, analysis, cands, calib = _scoring_setup()
+    path = tmp_path / "scores.json"
+    # a checkpoint written for other calibration data, with deliberately wrong scores
+    other = Calibration([(torch.randn_like(X),)], [None])
+    stale = score_candidates(gm, analysis, cands[:3], other, checkpoint=path)
+    data = json.loads(path.read_text())
+    data["scores"] = {k: 1e6 + i for i, k in enumerate(stale)}
+    path.write_text(json.dumps(data))
+    fresh = score_candidates(gm, analysis, cands[:3], calib)
+    with caplog.at_level("WARNING", logger="fxcompress"):
+        got = score_candidates(gm, analysis, cands[:3], calib, checkpoint=path)
+    assert got == pytest.approx(fresh, rel=1e-6, abs=1e-12)
+    assert "made for another model" in caplog.text
+    # ... and the file now holds this model's scores
+    assert json.loads(path.read_text())["scores"] == pytest.approx(fresh, rel=1e-6, abs=1e-12)
+
+
+def test_cache_dir_keeps_scores_for_the_next_run(tmp_path, monkeypatch) -> None:
+    net = _net()
+    kw = {"example_inputs": X, "latency": "flops", "cache_dir": str(tmp_path), "progress": False}
+    first = fxcompress.make_plan(net, 0.6, **kw)
+    assert len(list(tmp_path.glob("importance-*.json"))) == 1
+    import fxcompress.importance as imp
+
+    def boom(*args, **kwargs):
+        raise AssertionError("a cached candidate was scored again")
+
+    monkeypatch.setattr(imp._Scorer, "damage", boom)
+    assert fxcompress.make_plan(net, 0.6, **kw).to_json() == first.to_json()
+    # a plain-function loss is not cached implicitly (its name does not pin what it computes)
+    monkeypatch.undo()
+    data = [(X, torch.zeros(X.shape[0], 5))]
+    fxcompress.make_plan(net, 0.6, data=data, loss_fn=lambda o, t: ((o - t) ** 2).mean(), **kw)
+    assert len(list(tmp_path.glob("importance-*.json"))) == 1
+
+
 def test_candidate_finetune_mode_calls_back_per_candidate() -> None:
     gm, analysis, cands, calib = _scoring_setup()
     calls: list[fx.GraphModule] = []
