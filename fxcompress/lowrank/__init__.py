@@ -1,0 +1,48 @@
+"""Low-rank decomposition of conv and linear layers with a global rank allocation (ALDS).
+
+Each chosen layer becomes a grouped conv (``k`` groups of consecutive input channels, rank ``j``
+per group, original kernel) followed by a 1x1 conv; :func:`decompose` picks ``(k, j)`` for every
+layer so that the largest relative spectral error is as small as the budget allows. The
+uniform-rank and SVD-energy baselines go through the same rewrite. See ``docs/lowrank.md``.
+
+Modules: :mod:`.factorize` (tensor maths), :mod:`.allocation` (pure allocation),
+:mod:`.rewrite` (graph surgery), :mod:`.pipeline` (``decompose``), :mod:`.report`.
+"""
+
+from __future__ import annotations
+
+from .allocation import Allocation, LayerOptions, Option, allocate
+from .factorize import (
+    factorize,
+    max_rank,
+    paying_rank,
+    reconstruct,
+    residual_energy,
+    spectral_errors,
+)
+from .modules import GroupedLinear
+from .pipeline import METHODS, ErrorCache, decompose, rank_grid
+from .report import LayerDecision, LowRankReport
+from .rewrite import Site, find_sites
+
+__all__ = [
+    "METHODS",
+    "Allocation",
+    "ErrorCache",
+    "GroupedLinear",
+    "LayerDecision",
+    "LayerOptions",
+    "LowRankReport",
+    "Option",
+    "Site",
+    "allocate",
+    "decompose",
+    "factorize",
+    "find_sites",
+    "max_rank",
+    "paying_rank",
+    "rank_grid",
+    "reconstruct",
+    "residual_energy",
+    "spectral_errors",
+]
