@@ -205,6 +205,7 @@ def train(
     extra_loss: Callable[[nn.Module], Tensor] | None = None,
     params: list[nn.Parameter] | None = None,
     log_every: int = 0,
+    groups: list[dict] | None = None,
 ) -> list[float]:
     """Train ``model`` in place with AdamW and a warm-up + cosine schedule; return the losses.
 
@@ -226,6 +227,10 @@ def train(
         Window length (default: ``model.context``, else 64).
     log_every : int
         Print the running loss every that many steps (0: silent).
+    groups : list of dict, optional
+        Extra AdamW parameter groups (e.g. ``[{"params": slopes, "lr": 0.02,
+        "weight_decay": 0.0}]``); their parameters leave the default groups. The schedule
+        scales every group's ``lr`` alike.
 
     Returns
     -------
@@ -234,14 +239,17 @@ def train(
     """
     if steps <= 0:
         return []
+    extra = groups or []
+    seen: set[int] = {id(p) for g in extra for p in g["params"]}
     chosen = [p for p in (params or model.parameters()) if p.requires_grad]
-    seen: set[int] = set()
     unique = [p for p in chosen if not (id(p) in seen or seen.add(id(p)))]
-    groups = [
+    param_groups = [
         {"params": [p for p in unique if p.dim() >= 2], "weight_decay": weight_decay},
         {"params": [p for p in unique if p.dim() < 2], "weight_decay": 0.0},
+        *extra,
     ]
-    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
+    unique += [p for g in extra for p in g["params"]]
+    opt = torch.optim.AdamW(param_groups, lr=lr, betas=(0.9, 0.95))
 
     def factor(step: int) -> float:
         if step < warmup:

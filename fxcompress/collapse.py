@@ -68,6 +68,7 @@ __all__ = [
     "apply",
     "prepare",
     "regularizer",
+    "slope_parameters",
     "slopes",
 ]
 
@@ -279,8 +280,9 @@ def prepare(
         Used to trace the model (see :func:`fxcompress.capture`).
     sites : sequence of str, "all" or None
         ``None`` (default): every site whose collapse alone would save parameters. ``"all"``:
-        every site found. A sequence: the sites named, each by its activation node or by the
-        module/node of the layer before or after it (e.g. ``"blocks.0.mlp.fc1"``).
+        every site found. A sequence: the sites named, each by the module (or node) of the layer
+        before it (e.g. ``"blocks.0.mlp.fc1"``), by that name + ``"_act"`` (the name of its
+        :class:`Blend`), or by its activation node.
     activations : iterable of str
         Canonical activation names that may be blended (default :data:`GATED`).
     leaf_modules, check
@@ -337,8 +339,7 @@ def prepare(
             name, slope = "relu", float(kwargs.pop("negative_slope", 0.01))
         dtype = _dtype(gm, m.first)
         blend = Blend(name, kwargs, slope, dtype=dtype)
-        base = str(m.first.target) if m.first.op == "call_module" else m.first.name
-        target = install(gm, base + "_act", blend)
+        target = install(gm, _first_name(m) + "_act", blend)
         with gm.graph.inserting_before(m.act):
             new = gm.graph.call_module(target, (m.act.args[0],))
         new.meta = dict(m.act.meta)
@@ -358,6 +359,10 @@ def prepare(
     gm.meta[_EXAMPLES] = clone_tensors(inputs)
     logger.info("LayerCollapse: %d sites prepared: %s", len(found), [s.name for s in found])
     return gm.train(model.training)
+
+
+def _first_name(m: _Match) -> str:
+    return str(m.first.target) if m.first.op == "call_module" else m.first.name
 
 
 def _dtype(gm: fx.GraphModule, node: fx.Node) -> torch.dtype:
@@ -380,19 +385,16 @@ def _choose(
         return candidates
     if isinstance(sites, str):
         raise InvalidArgument(f"sites must be None, 'all' or a sequence of names, got {sites!r}")
-    names = {
-        c[0].act.name: c for c in candidates
-    }
+    names: dict[str, tuple[_Match, str, dict[str, Any]]] = {}
     for c in candidates:
-        for node in (c[0].first, c[0].second):
-            names.setdefault(node.name, c)
-            if node.op == "call_module":
-                names.setdefault(str(node.target), c)
+        base = _first_name(c[0])
+        for key in (c[0].act.name, c[0].first.name, base, base + "_act"):
+            names.setdefault(key, c)
     missing = [s for s in sites if s not in names]
     if missing:
         raise InvalidArgument(
-            f"sites {missing} are not collapse sites; sites found (activation nodes): "
-            f"{[c[0].act.name for c in candidates]}"
+            f"sites {missing} are not collapse sites; sites found (by the layer before them): "
+            f"{[_first_name(c[0]) for c in candidates]}"
         )
     picked = {id(names[s][0].act): names[s] for s in sites}
     return [c for c in candidates if id(c[0].act) in picked]
@@ -439,6 +441,11 @@ def regularizer(prepared: nn.Module, strength: float = 1.0, *, weighting: str = 
         for _, b in blends
     ]
     return strength * torch.stack([torch.as_tensor(t) for t in terms]).sum()
+
+
+def slope_parameters(prepared: nn.Module) -> list[nn.Parameter]:
+    """The slope parameters of every :class:`Blend` (e.g. for their own optimiser group)."""
+    return [b.slope for _, b in _blends(prepared)]
 
 
 def slopes(prepared: nn.Module) -> dict[str, float]:

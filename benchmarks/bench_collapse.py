@@ -1,0 +1,382 @@
+"""LayerCollapse benchmark: perplexity / accuracy vs parameters, with retraining.
+
+Two models, both trained here from scratch on data available offline:
+
+1. ``tiny_lm``: the byte-level transformer LM of ``benchmarks/tiny_lm.py`` on the Python standard
+   library's sources. For k = 1, 2, 4 collapsed MLP blocks (the last k), the prepared model is
+   fine-tuned with ``loss + regularizer`` (slopes trained with their own learning rate), then
+   collapsed with ``apply(tol)``, then fine-tuned briefly. Baselines: the base model fine-tuned
+   for as many steps without collapse (so the comparison is not flattered by extra training),
+   and collapse without retraining (GELU replaced by the identity).
+2. ``digits``: a VGG-style CNN with a two-hidden-layer MLP head (1024-512-512-10) on
+   scikit-learn's digits (``benchmarks/digits.py``); collapse of one or both head activations.
+
+Writes ``benchmarks/results/collapse.{md,json,png}``. Latency ratios are measured in this
+process, original and result alternately (warm-up, then medians).
+
+    .venv/bin/python benchmarks/bench_collapse.py            # ~15 min on 2 busy cores
+    .venv/bin/python benchmarks/bench_collapse.py --quick    # a smoke run (~2 min)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import tiny_lm
+
+from fxcompress import collapse
+
+OUT = Path(__file__).parent / "results"
+CACHE = Path(__file__).parent / ".cache"
+
+
+def count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def latency_ratio(a: nn.Module, b: nn.Module, x: torch.Tensor, rounds: int = 5) -> float:
+    """Median over rounds of median(b) / median(a), run alternately after a warm-up."""
+    ratios = []
+    with torch.inference_mode():
+        for m in (a, b):
+            for _ in range(3):
+                m(x)
+        for _ in range(rounds):
+            times = {}
+            for key, m in (("a", a), ("b", b)):
+                ts = []
+                for _ in range(10):
+                    t = time.perf_counter()
+                    m(x)
+                    ts.append(time.perf_counter() - t)
+                times[key] = statistics.median(ts)
+            ratios.append(times["b"] / times["a"])
+    return statistics.median(ratios)
+
+
+# --------------------------------------------------------------------------- tiny LM
+
+
+def base_lm(corpus: tiny_lm.Corpus, steps: int) -> tiny_lm.TinyLM:
+    """The default TinyLM trained ``steps`` steps (weights cached in benchmarks/.cache)."""
+    key = hashlib.sha1(f"{corpus.description}|{steps}|{torch.__version__}".encode()).hexdigest()
+    path = CACHE / f"tiny_lm-{key[:12]}.pt"
+    model = tiny_lm.TinyLM()
+    if path.exists():
+        model.load_state_dict(torch.load(path, weights_only=True))
+        return model
+    print(f"training the base TinyLM for {steps} steps ...", flush=True)
+    tiny_lm.train(model, corpus.train, steps, log_every=100)
+    CACHE.mkdir(exist_ok=True)
+    torch.save(model.state_dict(), path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").replace(path)
+    return model
+
+
+def lc_finetune(prepared: nn.Module, data: torch.Tensor, steps: int, strength: float,
+                seed: int) -> list[float]:
+    """Fine-tune with the collapse penalty; slopes get their own (higher) learning rate."""
+    slopes = collapse.slope_parameters(prepared)
+    return tiny_lm.train(
+        prepared, data, steps, lr=1e-3, seed=seed,
+        extra_loss=lambda m: collapse.regularizer(m, strength),
+        groups=[{"params": slopes, "lr": 0.03, "weight_decay": 0.0}],
+    )
+
+
+def run_lm(args: argparse.Namespace) -> dict:
+    corpus = tiny_lm.load_corpus()
+    print(corpus.description, flush=True)
+    base = base_lm(corpus, args.base_steps)
+    x = corpus.val[:64].view(1, 64)
+    ppl = lambda m: tiny_lm.perplexity(m, corpus.val, max_tokens=args.eval_tokens)  # noqa: E731
+    rows = []
+    n0 = count(base)
+    p0 = ppl(base)
+    rows.append({"model": "base", "blocks": 0, "params": n0, "ppl": p0, "ppl_retrained": p0,
+                 "latency": 1.0})
+    print(f"base: {n0:,} params, ppl {p0:.3f}", flush=True)
+
+    control = copy.deepcopy(base)
+    tiny_lm.train(control, corpus.train, args.steps + args.post_steps, lr=1e-3, seed=1)
+    pc = ppl(control)
+    rows.append({"model": "base, fine-tuned as long (control)", "blocks": 0, "params": n0,
+                 "ppl": pc, "ppl_retrained": pc, "latency": 1.0})
+    print(f"control: ppl {pc:.3f}", flush=True)
+
+    n_blocks = len(base.blocks)
+    for k in args.levels:
+        sites = [f"blocks.{i}.mlp.fc1" for i in range(n_blocks - k, n_blocks)]
+        # without retraining: GELU -> identity, then merge
+        naive = collapse.prepare(base, (x,), sites=sites)
+        with torch.no_grad():
+            for slope in collapse.slope_parameters(naive):
+                slope.fill_(1.0)
+        naive_out = collapse.apply(naive, 0.0)
+        # LayerCollapse: regularised fine-tuning, collapse, short fine-tuning
+        prepared = collapse.prepare(base, (x,), sites=sites)
+        t = time.perf_counter()
+        lc_finetune(prepared, corpus.train, args.steps, args.strength, seed=2)
+        slopes = collapse.slopes(prepared)
+        p_prepared = ppl(prepared)
+        out = collapse.apply(prepared, args.tol, data=[corpus.val[:64 * 16].view(16, 64)])
+        report = out.meta["fxcompress.collapse"]
+        p_after = ppl(out)
+        tiny_lm.train(out, corpus.train, args.post_steps, lr=5e-4, seed=3)
+        p_post = ppl(out)
+        merged = sum(d.action == "merged" for d in report.sites)
+        row = {
+            "model": f"LayerCollapse, last {k} MLP block(s)",
+            "blocks": k,
+            "merged": merged,
+            "params": count(out),
+            "ppl_no_retraining": ppl(naive_out),
+            "ppl_prepared": p_prepared,
+            "ppl": p_after,
+            "ppl_retrained": p_post,
+            "slopes": slopes,
+            "bounds": {d.name: d.bound for d in report.sites},
+            "output_change": report.output_error,
+            "latency": latency_ratio(base.eval(), out, x),
+            "seconds": time.perf_counter() - t,
+        }
+        rows.append(row)
+        print(json.dumps(row, default=float), flush=True)
+    return {"corpus": corpus.description, "rows": rows}
+
+
+# --------------------------------------------------------------------------- digits
+
+
+class VGGDigits(nn.Module):
+    """Three conv-BN-ReLU-pool stages (16, 32, 64 channels) and an MLP head 1024-512-512-10."""
+
+    def __init__(self, hidden: int = 512) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        cin = 1
+        for c in (16, 32, 64):
+            layers += [nn.Conv2d(cin, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(),
+                       nn.MaxPool2d(2)]
+            cin = c
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(
+            nn.Linear(64 * 4 * 4, hidden), nn.ReLU(), nn.Dropout(0.3),
+            nn.Linear(hidden, hidden), nn.ReLU(), nn.Dropout(0.3),
+            nn.Linear(hidden, 10),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x).flatten(1))
+
+
+def lc_finetune_digits(prepared: nn.Module, data, epochs: int, strength: float) -> None:
+    g = torch.Generator().manual_seed(0)
+    slopes = collapse.slope_parameters(prepared)
+    ids = {id(s) for s in slopes}
+    rest = [p for p in prepared.parameters() if id(p) not in ids]
+    opt = torch.optim.Adam([{"params": rest, "lr": 1e-3}, {"params": slopes, "lr": 0.03}])
+    prepared.train()
+    n = len(data.train)
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=g)
+        for i in range(0, n, 64):
+            idx = order[i : i + 64]
+            if len(idx) < 2:
+                continue
+            loss = F.cross_entropy(prepared(data.train.x[idx]), data.train.y[idx])
+            loss = loss + collapse.regularizer(prepared, strength)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    prepared.eval()
+
+
+def run_digits(args: argparse.Namespace) -> dict:
+    import digits
+
+    data = digits.load_digits_split(seed=0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        base = VGGDigits()
+    digits.train(base, data, epochs=args.digits_epochs, lr=0.05)
+    x = data.test.x[:1]
+    acc0 = digits.evaluate(base, data.test)
+    rows = [{"model": "VGG-digits base", "params": count(base), "acc": acc0, "acc_retrained": acc0,
+             "latency": 1.0}]
+    print(f"digits base: {count(base):,} params, test acc {acc0:.4f}", flush=True)
+    for name, sites in (("fc2-fc3 collapsed", ["classifier.3"]),  # the site after classifier.3
+                        ("whole head collapsed", ["classifier.0", "classifier.3"])):
+        naive = collapse.prepare(base, (x,), sites=sites)
+        with torch.no_grad():
+            for slope in collapse.slope_parameters(naive):
+                slope.fill_(1.0)
+        naive_out = collapse.apply(naive, 0.0)
+        prepared = collapse.prepare(base, (x,), sites=sites)
+        lc_finetune_digits(prepared, data, args.digits_lc_epochs, args.strength)
+        acc_prepared = digits.evaluate(prepared, data.test)
+        out = collapse.apply(prepared, args.tol)
+        report = out.meta["fxcompress.collapse"]
+        acc = digits.evaluate(out, data.test)
+        digits.finetune(out, data, epochs=3, lr=0.01)
+        row = {
+            "model": f"VGG-digits, {name}",
+            "params": count(out),
+            "acc_no_retraining": digits.evaluate(naive_out, data.test),
+            "acc_prepared": acc_prepared,
+            "acc": acc,
+            "acc_retrained": digits.evaluate(out, data.test),
+            "slopes": collapse.slopes(prepared),
+            "actions": {d.name: d.action for d in report.sites},
+            "latency": latency_ratio(base.eval(), out, x),
+        }
+        rows.append(row)
+        print(json.dumps(row, default=float), flush=True)
+    return {"rows": rows}
+
+
+# --------------------------------------------------------------------------- output
+
+
+def write(results: dict, args: argparse.Namespace) -> None:
+    RESULTS = Path(args.out)
+    RESULTS.mkdir(exist_ok=True, parents=True)
+    (RESULTS / "collapse.json").write_text(json.dumps(results, indent=1, default=float) + "\n")
+    lm, dg = results["lm"], results["digits"]
+    n0 = lm["rows"][0]["params"]
+    lines = [
+        "# LayerCollapse results",
+        "",
+        f"Command: `{results['command']}` ({results['seconds']:.0f} s; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} thread(s), CPU).",
+        "",
+        "## Tiny transformer LM (byte level)",
+        "",
+        f"Corpus: {lm['corpus']}. Model: `benchmarks/tiny_lm.py` defaults (4 pre-LN blocks, "
+        f"d=128, MLP 128-512-128 with GELU, context 64), base trained {args.base_steps} steps. "
+        f"LayerCollapse: {args.steps} steps of fine-tuning with `regularizer(strength="
+        f"{args.strength})` (slopes at lr 0.03, weights at lr 1e-3), `apply(tol={args.tol})`, "
+        f"then {args.post_steps} steps of fine-tuning. Perplexity per byte on "
+        f"{args.eval_tokens:,} validation bytes; latency = forward time ratio vs base (batch 1, "
+        "64 tokens).",
+        "",
+        "| model | params | size | ppl, no retraining | ppl before apply | ppl after apply | "
+        "ppl after fine-tune | latency |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in lm["rows"]:
+        lines.append(
+            f"| {r['model']} | {r['params']:,} | {r['params'] / n0:.1%} | "
+            f"{r.get('ppl_no_retraining', float('nan')):.3f} | "
+            f"{r.get('ppl_prepared', float('nan')):.3f} | {r['ppl']:.3f} | "
+            f"{r['ppl_retrained']:.3f} | {r['latency']:.2f} |"
+        )
+    lines += ["", "Learned slopes (1 = identity) and per-site error bounds:", ""]
+    for r in lm["rows"][2:]:
+        s = ", ".join(f"{k}: {v:.3f}" for k, v in r["slopes"].items())
+        lines.append(f"- {r['model']}: {s}; max output change on 1,024 tokens "
+                     f"{r['output_change']:.3g}")
+    d0 = dg["rows"][0]["params"]
+    lines += [
+        "",
+        "## Digits: VGG-style CNN with an MLP head",
+        "",
+        f"`benchmarks/digits.py` data (8x8 digits upsampled to 32x32), trained "
+        f"{args.digits_epochs} epochs; LayerCollapse {args.digits_lc_epochs} epochs with the "
+        "penalty, then 3 epochs of fine-tuning. Test accuracy.",
+        "",
+        "| model | params | size | acc, no retraining | acc before apply | acc after apply | "
+        "acc after fine-tune | latency |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in dg["rows"]:
+        lines.append(
+            f"| {r['model']} | {r['params']:,} | {r['params'] / d0:.1%} | "
+            f"{r.get('acc_no_retraining', float('nan')):.4f} | "
+            f"{r.get('acc_prepared', float('nan')):.4f} | {r['acc']:.4f} | "
+            f"{r['acc_retrained']:.4f} | {r['latency']:.2f} |"
+        )
+    (RESULTS / "collapse.md").write_text("\n".join(lines) + "\n")
+    plot(results, RESULTS)
+
+
+def plot(results: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    rows = results["lm"]["rows"]
+    n0 = rows[0]["params"]
+    lc = [r for r in rows if "blocks" in r and r["blocks"] > 0]
+    a.plot([r["params"] / n0 for r in lc], [r["ppl_retrained"] for r in lc], "o-",
+           label="LayerCollapse + fine-tune")
+    a.plot([r["params"] / n0 for r in lc], [r["ppl_no_retraining"] for r in lc], "x--",
+           label="GELU -> identity, no retraining")
+    a.axhline(rows[0]["ppl"], color="k", lw=0.8, label="base")
+    a.axhline(rows[1]["ppl"], color="g", lw=0.8, ls=":", label="base fine-tuned (control)")
+    a.set_xlabel("parameters (fraction of base)")
+    a.set_ylabel("perplexity per byte")
+    a.set_title("tiny LM on stdlib sources")
+    a.legend(fontsize=8)
+    drows = results["digits"]["rows"]
+    d0 = drows[0]["params"]
+    b.plot([r["params"] / d0 for r in drows], [r["acc_retrained"] for r in drows], "o-",
+           label="LayerCollapse + fine-tune")
+    b.plot([r["params"] / d0 for r in drows[1:]], [r["acc_no_retraining"] for r in drows[1:]],
+           "x--", label="ReLU -> identity, no retraining")
+    b.set_xscale("log")
+    b.set_xlabel("parameters (fraction of base)")
+    b.set_ylabel("test accuracy")
+    b.set_title("VGG-style CNN on digits")
+    b.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "collapse.png", dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny settings, a smoke run")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=str(OUT), help="directory for collapse.{md,json,png}")
+    parser.add_argument("--base-steps", type=int, default=1000)
+    parser.add_argument("--steps", type=int, default=400, help="regularised fine-tuning steps")
+    parser.add_argument("--post-steps", type=int, default=200)
+    parser.add_argument("--strength", type=float, default=1.0)
+    parser.add_argument("--tol", type=float, default=0.05)
+    parser.add_argument("--levels", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--eval-tokens", type=int, default=65_536)
+    parser.add_argument("--digits-epochs", type=int, default=20)
+    parser.add_argument("--digits-lc-epochs", type=int, default=8)
+    args = parser.parse_args()
+    if args.quick:
+        args.base_steps, args.steps, args.post_steps = 60, 30, 10
+        args.levels, args.eval_tokens = [1], 4096
+        args.digits_epochs, args.digits_lc_epochs = 2, 1
+        args.out = "/tmp/collapse_quick" if args.out == str(OUT) else args.out
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    results = {"command": "python benchmarks/bench_collapse.py " + " ".join(sys.argv[1:])}
+    results["lm"] = run_lm(args)
+    results["digits"] = run_digits(args)
+    results["seconds"] = time.perf_counter() - start
+    write(results, args)
+    print((Path(args.out) / "collapse.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
