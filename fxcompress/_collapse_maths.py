@@ -71,7 +71,7 @@ def deviation_constant(activation: str, kwargs: dict[str, Any]) -> float:
 
 
 class Blend(nn.Module):
-    """``act(x) + slope * (x - act(x))``: the activation at slope 0, the identity at slope 1.
+    """``slope * x + (1 - slope) * act(x)``: the activation at slope 0, the identity at slope 1.
 
     Generalises LayerCollapse's PReLU (a ReLU blend at slope ``a`` *is* ``PReLU(a)``) to any
     activation. ``slope`` is a learnable scalar.
@@ -111,7 +111,8 @@ class Blend(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         act = ACTIVATIONS[self.activation](x, **self.kwargs)
-        return act + self.slope * (x - act)
+        # written so that slope 0 gives act and slope 1 gives x bit for bit
+        return self.slope * x + (1 - self.slope) * act
 
     def extra_repr(self) -> str:
         args = "".join(f", {k}={v!r}" for k, v in self.kwargs.items())
