@@ -96,7 +96,7 @@ def rank_grid(top: int, n: int) -> tuple[int, ...]:
     if top <= n:
         return tuple(range(1, top + 1))
     half = n // 2
-    lin = [1 + round(i * (top - 1) / (n - half - 1)) for i in range(n - half)]
+    lin = [1 + round(i * (top - 1) / max(n - half - 1, 1)) for i in range(n - half)]
     geo = [round(top ** (i / (half - 1))) for i in range(half)] if half > 1 else []
     return tuple(sorted({1, top, *lin, *geo}))
 
@@ -381,7 +381,7 @@ def decompose(
             menus.append(_options(site, w, method, **kw))
             pbar.update()
 
-    functional_macs = sum(_macs(s, 0, 0) for s in sites if s.node == s.name)
+    functional_macs = sum(_macs(s, 0, 0) for s in sites if s.functional)
     params_before = count_params(gm)
     macs_before = count_macs(gm) + functional_macs
     dense_total = sum(m.dense for m in menus)

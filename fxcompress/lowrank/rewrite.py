@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.nn.utils import skip_init
 
 from .._graph import clone, finalize, install, is_unused, shape_of
 from ..kernels import ConvParams, LinearParams
@@ -48,6 +49,7 @@ class Site:
     dilation: tuple[int, ...]
     bias: bool
     dtype: str
+    functional: bool = False  # F.conv/F.linear on get_attr weights rather than a module call
 
     @property
     def positions(self) -> int:
@@ -117,9 +119,10 @@ def find_sites(gm: fx.GraphModule) -> tuple[tuple[Site, ...], tuple[tuple[str, s
                 dilation=layer.dilation if conv else (),
                 bias=layer.bias is not None,
                 dtype=str(layer.weight.dtype).replace("torch.", ""),
+                functional=node.op == "call_function",
             )
         )
-    return tuple(sites), tuple(skipped)
+    return tuple(sites), tuple(dict.fromkeys(skipped))  # a shared module: once
 
 
 def _skip_reason(
@@ -148,17 +151,22 @@ def _pair(layer: ConvParams | LinearParams, k: int, j: int) -> nn.Sequential:
     kw = {"device": w.device, "dtype": w.dtype}
     enc: nn.Module
     dec: nn.Module
+    # skip_init: the weights are overwritten, and initialising would draw from the global RNG
     if isinstance(layer, ConvParams):
         conv = _CONVS[layer.ndim]
-        enc = conv(
-            c, k * j, layer.kernel_size, stride=layer.stride, padding=layer.padding,
+        enc = skip_init(
+            conv, c, k * j, layer.kernel_size, stride=layer.stride, padding=layer.padding,
             dilation=layer.dilation, groups=k, bias=False, **kw,
         )  # fmt: skip
-        dec = conv(k * j, f, 1, bias=layer.bias is not None, **kw)
+        dec = skip_init(conv, k * j, f, 1, bias=layer.bias is not None, **kw)
         dec_w = dec_w.reshape(f, k * j, *([1] * layer.ndim))
     else:
-        enc = nn.Linear(c, j, bias=False, **kw) if k == 1 else GroupedLinear(c, j, groups=k, **kw)
-        dec = nn.Linear(k * j, f, bias=layer.bias is not None, **kw)
+        enc = (
+            skip_init(nn.Linear, c, j, bias=False, **kw)
+            if k == 1
+            else skip_init(GroupedLinear, c, j, groups=k, **kw)
+        )
+        dec = skip_init(nn.Linear, k * j, f, bias=layer.bias is not None, **kw)
         enc_w = enc_w.reshape(enc.weight.shape)
     with torch.no_grad():
         enc.weight.copy_(enc_w)
@@ -176,11 +184,14 @@ def apply(gm: fx.GraphModule, decisions: Mapping[str, tuple[int, int]]) -> fx.Gr
     """
     out = clone(gm)
     nodes = {n.name: n for n in out.graph.nodes}
+    attrs: list[str] = []  # parameters read by replaced functional layers
     for node_name, (k, j) in decisions.items():
         node = nodes[node_name]
         layer = layer_of(out, node)
         assert layer is not None, node_name
         pair = _pair(layer, k, j)
+        if node.op == "call_function":
+            attrs += [str(a.target) for a in node.all_input_nodes if a.op == "get_attr"]
         if node.op == "call_module" and is_unused(out, str(node.target), ignore=[node]):
             prefix = str(node.target)
         else:
@@ -192,7 +203,13 @@ def apply(gm: fx.GraphModule, decisions: Mapping[str, tuple[int, int]]) -> fx.Gr
         y.meta = {k_: v for k_, v in node.meta.items() if k_ != "tensor_meta"}
         node.replace_all_uses_with(y)
         out.graph.erase_node(node)
-    return finalize(out)
+    finalize(out)
+    read = {str(n.target) for n in out.graph.nodes if n.op == "get_attr"}
+    for target in attrs:
+        if target not in read:  # an orphaned parameter would still count and be trained
+            owner, _, attr = target.rpartition(".")
+            delattr(out.get_submodule(owner), attr)
+    return out
 
 
 def factorised_reference(
