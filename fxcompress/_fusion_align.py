@@ -24,19 +24,16 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
-from ._fusion_blocks import Block
-from .ops import activation_of, batchnorm_of, single_user
+from ._fusion_blocks import Block, is_elementwise
+from .ops import batchnorm_of, single_user
 
 __all__ = ["HiddenSpace", "align_block", "hidden_spaces", "linear_sum_assignment"]
 
 MAX_SWEEPS = 20
 
 _DENSE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity)
-_DROPOUT_FUNCS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d)
 
 
 def linear_sum_assignment(cost: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -137,7 +134,7 @@ def hidden_spaces(gm: fx.GraphModule, block: Block) -> tuple[HiddenSpace, ...]:
             bn = batchnorm_of(gm, user)
             if bn is not None and bn.num_features == _out_units(producer):
                 norms.append(str(user.target))
-            elif not _is_channelwise(gm, user):
+            elif not is_elementwise(gm, user):
                 break
             cur = user
     return tuple(spaces)
@@ -149,19 +146,9 @@ def _dense(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
     mod = gm.get_submodule(str(node.target))
     if type(mod) not in _DENSE:
         return None
-    if isinstance(mod, nn.modules.conv._ConvNd) and (mod.groups != 1 or mod.padding_mode != "zeros"):
+    if isinstance(mod, nn.modules.conv._ConvNd) and mod.groups != 1:
         return None  # grouped channels cannot be permuted freely
     return mod
-
-
-def _is_channelwise(gm: fx.GraphModule, node: fx.Node) -> bool:
-    if len(node.all_input_nodes) != 1:
-        return False
-    if activation_of(gm, node) is not None:
-        return True
-    if node.op == "call_module":
-        return type(gm.get_submodule(str(node.target))) in _DROPOUT
-    return node.op == "call_function" and node.target in _DROPOUT_FUNCS
 
 
 def _out_units(mod: nn.Module) -> int:

@@ -25,14 +25,17 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import torch.nn.functional as F
 from torch import fx, nn
 
 from ._graph import shape_of
-from .ops import is_add, module_call_counts
+from .ops import activation_of, is_add, module_call_counts
 
 __all__ = ["Block", "Blocks", "find_blocks"]
 
 MAX_PERIOD = 4
+_PASS_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity)
+_PASS_FUNCTIONS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d)
 _PROXY = re.compile(r"Proxy\([^)]*\)")
 
 
@@ -162,12 +165,10 @@ def _regions(gm: fx.GraphModule) -> list[_Region]:
         region = _region_between(nodes, index, anc, fork, j)
         if region is not None:
             found.append(region)
-    # keep the outermost regions only
-    sets = [set(r.nodes) for r in found]
-    return [
-        r for r, s in zip(found, sets) if not any(s < o or (s == o and k < i) for k, o in
-                                                  enumerate(sets) for i in [found.index(r)])
-    ]
+    unique: dict[frozenset[fx.Node], _Region] = {}
+    for r in found:  # regions may nest (a skip around a whole trunk): all are kept
+        unique.setdefault(frozenset(r.nodes), r)
+    return list(unique.values())
 
 
 def _region_between(
@@ -205,30 +206,34 @@ def _region_between(
 
 
 def _is_plain_unary(node: fx.Node, source: fx.Node) -> bool:
-    """A parameter-free op of one tensor that keeps its shape (activation, dropout, identity)."""
-    if node.op not in ("call_module", "call_function", "call_method"):
+    """An elementwise op of ``source`` alone (activation, dropout, identity)."""
+    return node.all_input_nodes == [source] and is_elementwise(node.graph.owning_module, node)
+
+
+def is_elementwise(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether ``node`` is an activation, a dropout or an identity of one tensor."""
+    if len(node.all_input_nodes) != 1:
         return False
-    if node.all_input_nodes != [source] or shape_of(node) != shape_of(source):
-        return False
-    if shape_of(node) is None:
-        return False
+    if activation_of(gm, node) is not None:
+        return True
     if node.op == "call_module":
-        mod = node.graph.owning_module.get_submodule(str(node.target))
-        if any(True for _ in mod.parameters()) or any(True for _ in mod.buffers()):
-            return False
-    return True
+        return type(gm.get_submodule(str(node.target))) in _PASS_MODULES
+    return node.op == "call_function" and node.target in _PASS_FUNCTIONS
 
 
 def _runs(regions: list[_Region]) -> list[list[_Region]]:
-    by_fork = {r.fork: r for r in regions}
-    has_pred = {by_fork[r.output] for r in regions if r.output in by_fork}
+    by_fork: dict[fx.Node, _Region] = {}
+    for r in sorted(regions, key=lambda r: -len(r.nodes)):
+        by_fork[r.fork] = r  # of nested regions starting at one fork, the innermost continues
+    succ = {id(r): by_fork[r.output] for r in regions if r.output in by_fork}
+    has_pred = {id(s) for s in succ.values()}
     runs = []
     for r in regions:
-        if r in has_pred:
+        if id(r) in has_pred:
             continue
         run = [r]
-        while run[-1].output in by_fork:
-            run.append(by_fork[run[-1].output])
+        while id(run[-1]) in succ and len(run) <= len(regions):
+            run.append(succ[id(run[-1])])
         runs.append(run)
     return runs
 
@@ -381,7 +386,9 @@ def _make_block(
             value = _attr(gm, t)
             params += value.numel() if isinstance(value, nn.Parameter) else 0
     sig_nodes = [n for n in nodes if n.op != "get_attr"]
-    prefix = _common_prefix([t for t, _ in slots])
+    prefix = _common_prefix(
+        [str(n.target) for n in nodes if n.op in ("call_module", "get_attr")]
+    )
     return Block(
         name=prefix or output.name,
         nodes=tuple(n.name for n in nodes),

@@ -27,6 +27,7 @@ The budget is the fraction of the model's unique parameters to keep
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Callable, Iterable
@@ -216,7 +217,7 @@ def fuse(
     before = count_params(gm)
     blocks_before = len(find_blocks(gm).blocks)
     floor = before - _max_saving(gm, mode)
-    if budget * before < floor:
+    if budget * before * (1 + 1e-9) < floor:
         raise InfeasibleBudget(
             f"budget {budget:g} of {before:,} unique parameters is out of reach in {mode!r} "
             f"mode: fusing every eligible block keeps {floor:,} ({floor / before:.3f})",
@@ -227,7 +228,7 @@ def fuse(
     aligned = 0
     with bar(total=steps, desc=f"fusion ({mode})", enabled=progress) as pbar:
         for step in range(1, steps + 1):
-            target = before * (1.0 - (1.0 - budget) * step / steps)
+            target = before * (1.0 - (1.0 - budget) * step / steps) * (1 + 1e-9)
             gm, done, moved, skip = _fuse_step(
                 gm, target, mode, similarity, align, data, calibration_batches
             )
@@ -306,7 +307,7 @@ def _pairs(gm: fx.GraphModule, mode: str, skipped: dict[str, str]) -> list[_Pair
     for role, blocks in found.groups().items():
         if mode == "drop":
             ordered = sorted(blocks, key=lambda b: (b.run, b.position))
-            for a, b in zip(ordered, ordered[1:]):
+            for a, b in itertools.pairwise(ordered):
                 if (b.run, b.position) != (a.run, a.position + 1):
                     continue
                 if not (a.private and b.private):
@@ -406,10 +407,7 @@ def _fuse_step(
     if not chosen:
         return gm, [], moved, skipped
     expected = current
-    if mode == "share":
-        fusions = _share(gm, chosen, parent)
-    else:
-        fusions = _drop(gm, chosen, parent)
+    fusions = (_share if mode == "share" else _drop)(gm, chosen, parent)
     finalize(gm)
     if count_params(gm) != expected:
         raise RewriteError(
