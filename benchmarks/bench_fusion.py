@@ -73,30 +73,51 @@ def bench_lm(args: argparse.Namespace) -> list[dict]:
     rows: list[dict] = []
     base_ppl = tiny_lm.perplexity(base, corpus.val, **ppl_kw)
     n0 = unique_params(base)
-    rows.append({"model": "tinylm", "mode": "original", "budget": 1.0, "params": n0,
-                 "ratio": 1.0, "blocks": len(base.blocks), "before": base_ppl,
-                 "after": base_ppl, "seconds": 0.0})
+    rows.append(
+        {
+            "model": "tinylm",
+            "mode": "original",
+            "budget": 1.0,
+            "params": n0,
+            "ratio": 1.0,
+            "blocks": len(base.blocks),
+            "before": base_ppl,
+            "after": base_ppl,
+            "seconds": 0.0,
+        }
+    )
     print(f"base: {n0:,} params, val ppl {base_ppl:.3f}", flush=True)
 
     def retrain(gm: torch.nn.Module, steps: int) -> None:
-        tiny_lm.train(gm, corpus.train, steps, context=ctx, lr=args.retrain_lr, warmup=10,
-                      seed=1)
+        tiny_lm.train(gm, corpus.train, steps, context=ctx, lr=args.retrain_lr, warmup=10, seed=1)
 
     control = copy.deepcopy(base)
     retrain(control, args.retrain_steps)
     ctl = tiny_lm.perplexity(control, corpus.val, **ppl_kw)
-    rows.append({"model": "tinylm", "mode": "control (retrain only)", "budget": 1.0,
-                 "params": n0, "ratio": 1.0, "blocks": len(base.blocks), "before": base_ppl,
-                 "after": ctl, "seconds": 0.0})
-    print(f"control: retrained {args.retrain_steps} steps without fusion: ppl {ctl:.3f}",
-          flush=True)
+    rows.append(
+        {
+            "model": "tinylm",
+            "mode": "control (retrain only)",
+            "budget": 1.0,
+            "params": n0,
+            "ratio": 1.0,
+            "blocks": len(base.blocks),
+            "before": base_ppl,
+            "after": ctl,
+            "seconds": 0.0,
+        }
+    )
+    print(
+        f"control: retrained {args.retrain_steps} steps without fusion: ppl {ctl:.3f}", flush=True
+    )
     configs = [(m, b, 1) for m in ("share", "drop") for b in args.lm_budgets]
     configs.append(("share", min(args.lm_budgets), args.iterative_steps))
     for mode, budget, steps in configs:
         t = time.perf_counter()
         try:
-            one_shot = fuse(base, budget, mode=mode, example_inputs=example, data=calib,
-                            progress=False)
+            one_shot = fuse(
+                base, budget, mode=mode, example_inputs=example, data=calib, progress=False
+            )
         except InfeasibleBudget as exc:
             print(f"{mode} {budget}: {exc}", flush=True)
             continue
@@ -106,19 +127,36 @@ def bench_lm(args: argparse.Namespace) -> list[dict]:
             retrain(model, args.retrain_steps)
         else:
             per = args.retrain_steps // steps
-            model = fuse(base, budget, mode=mode, example_inputs=example, data=calib,
-                         steps=steps, retrain=lambda gm, per=per: retrain(gm, per),
-                         progress=False)
+            model = fuse(
+                base,
+                budget,
+                mode=mode,
+                example_inputs=example,
+                data=calib,
+                steps=steps,
+                retrain=lambda gm, per=per: retrain(gm, per),
+                progress=False,
+            )
         after = tiny_lm.perplexity(model, corpus.val, **ppl_kw)
         rep = model.meta["fxcompress.fusion"]
         assert rep.params_after == unique_params(model)
-        row = {"model": "tinylm", "mode": mode if steps == 1 else f"{mode}, {steps} steps",
-               "budget": budget, "params": rep.params_after, "ratio": rep.ratio,
-               "blocks": rep.blocks_after - 1, "before": before, "after": after,
-               "seconds": time.perf_counter() - t}
+        row = {
+            "model": "tinylm",
+            "mode": mode if steps == 1 else f"{mode}, {steps} steps",
+            "budget": budget,
+            "params": rep.params_after,
+            "ratio": rep.ratio,
+            "blocks": rep.blocks_after - 1,
+            "before": before,
+            "after": after,
+            "seconds": time.perf_counter() - t,
+        }
         rows.append(row)
-        print(f"{row['mode']} {budget}: params {rep.params_after:,} ({rep.ratio:.3f}), "
-              f"ppl fused {before:.3f} -> retrained {after:.3f}", flush=True)
+        print(
+            f"{row['mode']} {budget}: params {rep.params_after:,} ({rep.ratio:.3f}), "
+            f"ppl fused {before:.3f} -> retrained {after:.3f}",
+            flush=True,
+        )
         torch.export.export(model, (example,))  # every result exports
     return rows
 
@@ -133,19 +171,47 @@ def bench_digits(args: argparse.Namespace) -> list[dict]:
     n0 = unique_params(base)
     x = data.train.x[:64]
     calib = [(data.train.x[i : i + 128], None) for i in range(0, 512, 128)]
-    rows = [{"model": "resnet-digits", "mode": "original", "budget": 1.0, "params": n0,
-             "ratio": 1.0, "blocks": 9, "before": acc0, "after": acc0, "align": True}]
+    rows = [
+        {
+            "model": "resnet-digits",
+            "mode": "original",
+            "budget": 1.0,
+            "params": n0,
+            "ratio": 1.0,
+            "blocks": 9,
+            "before": acc0,
+            "after": acc0,
+            "align": True,
+        }
+    ]
     control = digits.finetune(copy.deepcopy(base), data, epochs=args.finetune_epochs)
-    rows.append({"model": "resnet-digits", "mode": "control (retrain only)", "budget": 1.0,
-                 "params": n0, "ratio": 1.0, "blocks": 9, "before": acc0,
-                 "after": digits.evaluate(control, data.test), "align": True})
+    rows.append(
+        {
+            "model": "resnet-digits",
+            "mode": "control (retrain only)",
+            "budget": 1.0,
+            "params": n0,
+            "ratio": 1.0,
+            "blocks": 9,
+            "before": acc0,
+            "after": digits.evaluate(control, data.test),
+            "align": True,
+        }
+    )
     print(f"digits resnet: {n0:,} params, test acc {acc0:.4f}", flush=True)
     for mode in ("share", "drop"):
         for budget in args.digits_budgets:
             for align in (True, False):
                 try:
-                    gm = fuse(base, budget, mode=mode, example_inputs=x, data=calib,
-                              align=align, progress=False)
+                    gm = fuse(
+                        base,
+                        budget,
+                        mode=mode,
+                        example_inputs=x,
+                        data=calib,
+                        align=align,
+                        progress=False,
+                    )
                 except InfeasibleBudget as exc:
                     print(f"{mode} {budget}: {exc}", flush=True)
                     break
@@ -157,12 +223,24 @@ def bench_digits(args: argparse.Namespace) -> list[dict]:
                     torch.export.export(gm, (x,))
                 rep = gm.meta["fxcompress.fusion"]
                 assert rep.params_after == unique_params(gm)
-                rows.append({"model": "resnet-digits", "mode": mode, "budget": budget,
-                             "params": rep.params_after, "ratio": rep.ratio,
-                             "blocks": rep.blocks_after, "before": before, "after": after,
-                             "align": align})
-                print(f"{mode} {budget} align={align}: params {rep.params_after:,} "
-                      f"({rep.ratio:.3f}), acc {before:.4f} -> {after}", flush=True)
+                rows.append(
+                    {
+                        "model": "resnet-digits",
+                        "mode": mode,
+                        "budget": budget,
+                        "params": rep.params_after,
+                        "ratio": rep.ratio,
+                        "blocks": rep.blocks_after,
+                        "before": before,
+                        "after": after,
+                        "align": align,
+                    }
+                )
+                print(
+                    f"{mode} {budget} align={align}: params {rep.params_after:,} "
+                    f"({rep.ratio:.3f}), acc {before:.4f} -> {after}",
+                    flush=True,
+                )
     return rows
 
 

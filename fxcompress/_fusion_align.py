@@ -122,13 +122,20 @@ def hidden_spaces(gm: fx.GraphModule, block: Block) -> tuple[HiddenSpace, ...]:
             consumer = _dense(gm, user)
             if consumer is not None:
                 if (
-                    type(consumer) is type(producer)
-                    or (isinstance(consumer, nn.modules.conv._ConvNd)
-                        and isinstance(producer, nn.modules.conv._ConvNd))
-                ) and _in_units(consumer) == _out_units(producer) and user.args[0] is cur:
+                    (
+                        type(consumer) is type(producer)
+                        or (
+                            isinstance(consumer, nn.modules.conv._ConvNd)
+                            and isinstance(producer, nn.modules.conv._ConvNd)
+                        )
+                    )
+                    and _in_units(consumer) == _out_units(producer)
+                    and user.args[0] is cur
+                ):
                     spaces.append(
-                        HiddenSpace(str(node.target), tuple(norms), str(user.target),
-                                    _out_units(producer))
+                        HiddenSpace(
+                            str(node.target), tuple(norms), str(user.target), _out_units(producer)
+                        )
                     )
                 break
             bn = batchnorm_of(gm, user)
@@ -163,7 +170,9 @@ def _in_units(mod: nn.Module) -> int:
 
 
 def _space_tensors(
-    gm: fx.GraphModule, space: HiddenSpace, spaces: tuple[HiddenSpace, ...],
+    gm: fx.GraphModule,
+    space: HiddenSpace,
+    spaces: tuple[HiddenSpace, ...],
     perms: dict[int, np.ndarray],
 ) -> np.ndarray:
     """One row per unit of ``space``: every weight touching it, other spaces permuted."""
@@ -217,8 +226,9 @@ def match(
     return sb, {k: p for k, p in perms.items() if not np.array_equal(p, ident[k])}
 
 
-def permute(gm: fx.GraphModule, spaces: tuple[HiddenSpace, ...], perms: dict[int, np.ndarray]
-            ) -> None:
+def permute(
+    gm: fx.GraphModule, spaces: tuple[HiddenSpace, ...], perms: dict[int, np.ndarray]
+) -> None:
     """Apply ``perms`` to the modules of ``spaces`` in place (a function-preserving rewrite).
 
     The modules must be private to one call site (the caller checks).

@@ -172,7 +172,10 @@ def _regions(gm: fx.GraphModule) -> list[_Region]:
 
 
 def _region_between(
-    nodes: list[fx.Node], index: dict[fx.Node, int], anc: dict[fx.Node, int], fork: fx.Node,
+    nodes: list[fx.Node],
+    index: dict[fx.Node, int],
+    anc: dict[fx.Node, int],
+    fork: fx.Node,
     join: fx.Node,
 ) -> _Region | None:
     f, j = index[fork], index[join]
@@ -180,8 +183,11 @@ def _region_between(
     core.add(join)
     inside = set(core)
     for n in nodes[f + 1 : j]:  # side nodes: read only the region (shape checks, asserts)
-        if n not in inside and n.op != "get_attr" and _tensor_inputs(n) and all(
-            a in inside or a is fork for a in _tensor_inputs(n)
+        if (
+            n not in inside
+            and n.op != "get_attr"
+            and _tensor_inputs(n)
+            and all(a in inside or a is fork for a in _tensor_inputs(n))
         ):
             inside.add(n)
     for n in inside:
@@ -386,9 +392,7 @@ def _make_block(
             value = _attr(gm, t)
             params += value.numel() if isinstance(value, nn.Parameter) else 0
     sig_nodes = [n for n in nodes if n.op != "get_attr"]
-    prefix = _common_prefix(
-        [str(n.target) for n in nodes if n.op in ("call_module", "get_attr")]
-    )
+    prefix = _common_prefix([str(n.target) for n in nodes if n.op in ("call_module", "get_attr")])
     return Block(
         name=prefix or output.name,
         nodes=tuple(n.name for n in nodes),

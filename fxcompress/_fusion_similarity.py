@@ -79,7 +79,11 @@ class _Recorder(fx.Interpreter):
 
 
 def record(
-    gm: fx.GraphModule, names: Iterable[str], data: Iterable[Any], *, batches: int,
+    gm: fx.GraphModule,
+    names: Iterable[str],
+    data: Iterable[Any],
+    *,
+    batches: int,
     max_examples: int = 256,
 ) -> dict[str, torch.Tensor]:
     """Outputs of the named nodes on the first ``batches`` batches of ``data`` (eval, no grad).

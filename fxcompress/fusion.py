@@ -106,8 +106,7 @@ class FusionReport:
         if self.fusions:
             lines += ["", "| members | slot | similarity | saved |", "|---|---|---|---|"]
             lines += [
-                f"| {' + '.join(f.members)} | {f.slot or '(block)'} | {f.score:.3f} | "
-                f"{f.saved:,} |"
+                f"| {' + '.join(f.members)} | {f.slot or '(block)'} | {f.score:.3f} | {f.saved:,} |"
                 for f in self.fusions
             ]
         for name, why in self.skipped:
@@ -418,13 +417,15 @@ def _fuse_step(
 
 
 def _scores(
-    gm: fx.GraphModule, pairs: list[_Pair], mode: str, similarity: str,
-    data: Iterable[Any] | None, calibration_batches: int,
+    gm: fx.GraphModule,
+    pairs: list[_Pair],
+    mode: str,
+    similarity: str,
+    data: Iterable[Any] | None,
+    calibration_batches: int,
 ) -> list[float]:
     if similarity == "weight":
-        return [
-            weight_cosine(_tensors(gm, p.a, p.slot), _tensors(gm, p.b, p.slot)) for p in pairs
-        ]
+        return [weight_cosine(_tensors(gm, p.a, p.slot), _tensors(gm, p.b, p.slot)) for p in pairs]
     assert data is not None
     nodes = {n.name: n for n in gm.graph.nodes}
     if mode == "drop":
@@ -451,8 +452,9 @@ def _scores(
 def _slot_node(block: Block, slot: int | None, nodes: dict[str, fx.Node]) -> str:
     assert slot is not None
     target = block.slots[slot]
-    return next(n for n in block.nodes if str(nodes[n].target) == target
-                and nodes[n].op == "call_module")
+    return next(
+        n for n in block.nodes if str(nodes[n].target) == target and nodes[n].op == "call_module"
+    )
 
 
 def _tensors(gm: fx.GraphModule, block: Block, slot: int | None) -> list[torch.Tensor]:
@@ -491,8 +493,10 @@ def _average_into(modules: list[nn.Module], keep: nn.Module) -> None:
     """Write the element-wise mean of ``modules``' parameters and buffers into ``keep``."""
     with torch.no_grad():
         for name, t in list(keep.named_parameters()) + list(keep.named_buffers()):
-            values = [m.get_parameter(name) if isinstance(t, nn.Parameter)
-                      else m.get_buffer(name) for m in modules]
+            values = [
+                m.get_parameter(name) if isinstance(t, nn.Parameter) else m.get_buffer(name)
+                for m in modules
+            ]
             t.copy_(_averaged(values))
 
 
@@ -515,8 +519,14 @@ def _share(
         for n in sites:
             n.target = keep
     return [
-        Fusion("share", p.role, kept_of[_find(parent, _key(p, p.a, gm))],
-               (p.a.name, p.b.name), score, p.saved)
+        Fusion(
+            "share",
+            p.role,
+            kept_of[_find(parent, _key(p, p.a, gm))],
+            (p.a.name, p.b.name),
+            score,
+            p.saved,
+        )
         for p, score in chosen
     ]
 
@@ -537,8 +547,9 @@ def _drop(
         keep = run[0]
         for k, kind in enumerate(keep.slot_kinds):
             if kind == "module":
-                _average_into([gm.get_submodule(b.slots[k]) for b in run],
-                              gm.get_submodule(keep.slots[k]))
+                _average_into(
+                    [gm.get_submodule(b.slots[k]) for b in run], gm.get_submodule(keep.slots[k])
+                )
             else:
                 value = _attr(gm, keep.slots[k])
                 with torch.no_grad():
@@ -547,8 +558,16 @@ def _drop(
         nodes[run[-1].output].replace_all_uses_with(nodes[keep.output])
         doomed += [nodes[n] for b in run[1:] for n in b.nodes]
         score = min(s for p, s in chosen if p.a.name in members and p.b.name in members)
-        fusions.append(Fusion("drop", keep.signature, None, tuple(b.name for b in run), score,
-                              sum(b.params for b in run[1:])))
+        fusions.append(
+            Fusion(
+                "drop",
+                keep.signature,
+                None,
+                tuple(b.name for b in run),
+                score,
+                sum(b.params for b in run[1:]),
+            )
+        )
     index = {n: i for i, n in enumerate(gm.graph.nodes)}
     for n in sorted(set(doomed), key=index.__getitem__, reverse=True):
         gm.graph.erase_node(n)

@@ -211,8 +211,7 @@ def test_different_widths_are_different_roles():
 def test_resnet18_stages_and_projection_blocks():
     gm = capture(torchvision.models.resnet18(), torch.randn(1, 3, 32, 32))
     found = find_blocks(gm)
-    assert [b.name for b in found.blocks] == [f"layer{s}.{i}" for s in (1, 2, 3, 4)
-                                              for i in (0, 1)]
+    assert [b.name for b in found.blocks] == [f"layer{s}.{i}" for s in (1, 2, 3, 4) for i in (0, 1)]
     groups = found.groups()
     assert [[b.name for b in g] for g in groups.values()] == [["layer1.0", "layer1.1"]]
     assert [b.same_shape for b in found.blocks] == [True, True] + [False, True] * 3
@@ -402,8 +401,9 @@ def test_modules_used_outside_their_block_are_left_alone():
     report = fused.meta["fxcompress.fusion"]
     assert dict(report.skipped)["blocks.2.fcs.0"].startswith("also called outside")
     assert all("blocks.2.fcs.0" not in f.slot for f in report.fusions)
-    torch.testing.assert_close(fused.blocks.get_submodule("2.fcs.0").weight,
-                               model.blocks[2].fcs[0].weight)
+    torch.testing.assert_close(
+        fused.blocks.get_submodule("2.fcs.0").weight, model.blocks[2].fcs[0].weight
+    )
 
 
 @pytest.mark.parametrize(
