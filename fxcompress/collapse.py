@@ -541,6 +541,7 @@ def apply(
         for d in _collapse_chain(gm, chain):
             decisions[d.name] = d
     gm = finalize(gm)
+    _drop_unread_tensors(gm)
     ordered = tuple(decisions[k] for k in sorted(decisions, key=_order(prepared)))
     if check:
         _check(prepared, gm, {d.name for d in ordered if d.action != "kept"})
@@ -550,6 +551,24 @@ def apply(
         ordered, params_before, _count(gm), float(tol), error, tuple(notes)
     )
     return gm
+
+
+def _drop_unread_tensors(gm: fx.GraphModule) -> None:
+    """Delete parameters and buffers that no node reads any more (weights of merged F.linear).
+
+    A tensor is read if a ``get_attr`` node names it (or a prefix of it), or if a module that
+    owns it (or one of that module's ancestors) is called.
+    """
+    read = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+    called = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+    tensors = [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers()]
+    for name, _ in tensors:
+        parts = name.split(".")
+        prefixes = {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
+        if prefixes & (read | called):
+            continue
+        owner = gm.get_submodule(".".join(parts[:-1])) if len(parts) > 1 else gm
+        delattr(owner, parts[-1])
 
 
 def _count(module: nn.Module) -> int:

@@ -387,3 +387,42 @@ def test_torchvision_vit_mlp_blocks() -> None:
     assert [(m.in_features, m.out_features) for m in linears] == [(16, 16), (16, 16)]
     assert params(vit) - params(out) == 2 * (16 * 64 + 64 + 64 * 16 + 16 - 16 * 16 - 16)
     torch.export.export(out, (x,))
+
+
+def test_prepared_model_traces_exports_and_trains() -> None:
+    model = nn.Sequential(nn.Linear(6, 24), nn.GELU(), nn.Linear(24, 6))
+    x = torch.randn(3, 6)
+    prepared = collapse.prepare(model, x)
+    exported = torch.export.export(prepared, (x,))
+    assert_equivalent(exported.module(), model.eval(), x)
+    retraced = torch.fx.symbolic_trace(prepared)
+    assert_equivalent(retraced, model, x)
+    before = collapse.slopes(prepared)["0_act"]
+    loss = prepared(x).square().sum() + collapse.regularizer(prepared)
+    loss.backward()
+    grad = collapse.slope_parameters(prepared)[0].grad
+    assert grad is not None
+    assert before == 0.0
+
+
+def test_functional_layers_are_sites() -> None:
+    class Functional(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w1, self.b1 = nn.Parameter(torch.randn(32, 5)), nn.Parameter(torch.randn(32))
+            self.w2 = nn.Parameter(torch.randn(5, 32))
+
+        def forward(self, x):
+            return F.linear(torch.relu(F.linear(x, self.w1, self.b1)), self.w2)
+
+    model = Functional().double()
+    x = torch.randn(4, 5, dtype=torch.float64)
+    prepared = collapse.prepare(model, x)
+    (name,) = collapse.slopes(prepared)
+    set_slopes(prepared, {name: 1.0})
+    out = collapse.apply(prepared, tol=0.0)
+    with torch.no_grad():
+        expected = F.linear(F.linear(x, model.w1, model.b1), model.w2)
+        torch.testing.assert_close(out(x), expected, rtol=1e-9, atol=1e-9)
+    assert [type(m) for m in out.children()] == [nn.Linear]
+    assert params(out) == 5 * 5 + 5  # the functional weights went with their last reader
