@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import statistics
 import sys
@@ -40,7 +39,6 @@ import tiny_lm
 from fxcompress import collapse
 
 OUT = Path(__file__).parent / "results"
-CACHE = Path(__file__).parent / ".cache"
 
 
 def count(model: nn.Module) -> int:
@@ -70,20 +68,13 @@ def latency_ratio(a: nn.Module, b: nn.Module, x: torch.Tensor, rounds: int = 5) 
 # --------------------------------------------------------------------------- tiny LM
 
 
-def base_lm(corpus: tiny_lm.Corpus, steps: int) -> tiny_lm.TinyLM:
-    """The default TinyLM trained ``steps`` steps (weights cached in benchmarks/.cache)."""
-    key = hashlib.sha1(f"{corpus.description}|{steps}|{torch.__version__}".encode()).hexdigest()
-    path = CACHE / f"tiny_lm-{key[:12]}.pt"
-    model = tiny_lm.TinyLM()
-    if path.exists():
-        model.load_state_dict(torch.load(path, weights_only=True))
-        return model
-    print(f"training the base TinyLM for {steps} steps ...", flush=True)
-    tiny_lm.train(model, corpus.train, steps, log_every=100)
-    CACHE.mkdir(exist_ok=True)
-    torch.save(model.state_dict(), path.with_suffix(".tmp"))
-    path.with_suffix(".tmp").replace(path)
-    return model
+def linearised(model: nn.Module, x: torch.Tensor, sites: list[str]) -> nn.Module:
+    """Collapse without retraining: the sites' activations replaced by the identity, merged."""
+    prepared = collapse.prepare(model, (x,), sites=sites)
+    with torch.no_grad():
+        for slope in collapse.slope_parameters(prepared):
+            slope.fill_(1.0)
+    return collapse.apply(prepared, 0.0)
 
 
 def lc_finetune(prepared: nn.Module, data: torch.Tensor, steps: int, strength: float,
@@ -100,7 +91,7 @@ def lc_finetune(prepared: nn.Module, data: torch.Tensor, steps: int, strength: f
 def run_lm(args: argparse.Namespace) -> dict:
     corpus = tiny_lm.load_corpus()
     print(corpus.description, flush=True)
-    base = base_lm(corpus, args.base_steps)
+    base = tiny_lm.trained_model(corpus, args.base_steps)
     x = corpus.val[:64].view(1, 64)
     ppl = lambda m: tiny_lm.perplexity(m, corpus.val, max_tokens=args.eval_tokens)  # noqa: E731
     rows = []
@@ -120,12 +111,7 @@ def run_lm(args: argparse.Namespace) -> dict:
     n_blocks = len(base.blocks)
     for k in args.levels:
         sites = [f"blocks.{i}.mlp.fc1" for i in range(n_blocks - k, n_blocks)]
-        # without retraining: GELU -> identity, then merge
-        naive = collapse.prepare(base, (x,), sites=sites)
-        with torch.no_grad():
-            for slope in collapse.slope_parameters(naive):
-                slope.fill_(1.0)
-        naive_out = collapse.apply(naive, 0.0)
+        naive_out = linearised(base, x, sites)
         # LayerCollapse: regularised fine-tuning, collapse, short fine-tuning
         prepared = collapse.prepare(base, (x,), sites=sites)
         t = time.perf_counter()
@@ -220,11 +206,7 @@ def run_digits(args: argparse.Namespace) -> dict:
     print(f"digits base: {count(base):,} params, test acc {acc0:.4f}", flush=True)
     for name, sites in (("fc2-fc3 collapsed", ["classifier.3"]),  # the site after classifier.3
                         ("whole head collapsed", ["classifier.0", "classifier.3"])):
-        naive = collapse.prepare(base, (x,), sites=sites)
-        with torch.no_grad():
-            for slope in collapse.slope_parameters(naive):
-                slope.fill_(1.0)
-        naive_out = collapse.apply(naive, 0.0)
+        naive_out = linearised(base, x, sites)
         prepared = collapse.prepare(base, (x,), sites=sites)
         lc_finetune_digits(prepared, data, args.digits_lc_epochs, args.strength)
         acc_prepared = digits.evaluate(prepared, data.test)

@@ -15,12 +15,14 @@ Public functions (their signatures are kept stable for other benchmarks)::
     model = TinyLM()                           # small default config, see TinyLM
     losses = train(model, corpus.train, steps=1000)
     ppl = perplexity(model, corpus.val)
+    model = trained_model(corpus)              # the same, cached in benchmarks/.cache
 
 Run ``python benchmarks/tiny_lm.py`` to train the default model and print its perplexity.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import sys
@@ -28,6 +30,7 @@ import sysconfig
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +44,7 @@ __all__ = [
     "load_corpus",
     "perplexity",
     "train",
+    "trained_model",
 ]
 
 
@@ -320,6 +324,33 @@ def perplexity(
     finally:
         model.train(was_training)
     return math.exp(total / (n_windows * context))
+
+
+CACHE = Path(__file__).parent / ".cache"
+
+
+def trained_model(corpus: Corpus, steps: int = 1000, *, cache: Path | None = CACHE) -> TinyLM:
+    """The default :class:`TinyLM` trained ``steps`` steps on ``corpus.train`` (seed 0).
+
+    Weights are cached in ``cache`` (``benchmarks/.cache``; ``None``: no cache) under a key of
+    the corpus, the steps and the torch version, so every benchmark starts from the same model.
+    Returned in eval mode.
+    """
+    key = hashlib.sha1(f"{corpus.description}|{steps}|{torch.__version__}".encode()).hexdigest()
+    path = None if cache is None else Path(cache) / f"tiny_lm-{key[:12]}.pt"
+    model = TinyLM()
+    if path is not None and path.exists():
+        model.load_state_dict(torch.load(path, weights_only=True))
+        return model.eval()
+    t = time.perf_counter()
+    train(model, corpus.train, steps, log_every=100)
+    print(f"trained the base TinyLM for {steps} steps in {time.perf_counter() - t:.0f} s",
+          flush=True)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").replace(path)
+    return model.eval()
 
 
 def _main() -> None:
