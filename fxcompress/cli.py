@@ -4,7 +4,9 @@ Examples::
 
     fxcompress optimize torchvision:resnet18 --budget 0.6 --input-shape 1,3,224,224 --out r18.pt2
     fxcompress optimize mypkg.models:build --budget 1.0 --input-shape 1,3,64,64 --latency flops
-    fxcompress report r18.report.json
+    fxcompress optimize mypkg.models:build --budget 0.7 --input-shape 1,3,64,64 \
+        --data mypkg.data:calibration_batches --plot r.png
+    fxcompress report r18.report.json --plot r18.png
     fxcompress latency --cache-dir .fxc --show
 """
 
@@ -50,11 +52,7 @@ def _load_model(spec: str, allow_pickle: bool) -> nn.Module:
             )
         return torch.load(spec, weights_only=False)
     if ":" in spec:
-        module_name, attr = spec.split(":", 1)
-        try:
-            factory = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as exc:
-            raise UsageError(f"cannot load {spec!r}: {exc}") from exc
+        factory = _import(spec)
         model = factory() if callable(factory) and not isinstance(factory, nn.Module) else factory
         if not isinstance(model, nn.Module):
             raise UsageError(f"{spec!r} did not give an nn.Module (got {type(model).__name__})")
@@ -62,6 +60,15 @@ def _load_model(spec: str, allow_pickle: bool) -> nn.Module:
     raise UsageError(
         f"model spec must be torchvision:NAME, package.module:factory or a .pt2 file, got {spec!r}"
     )
+
+
+def _import(spec: str) -> Any:
+    """The object named by ``package.module:attr``."""
+    module_name, attr = spec.split(":", 1)
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise UsageError(f"cannot load {spec!r}: {exc}") from exc
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -74,10 +81,25 @@ def _shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-def _data(path: str | None) -> list[Any] | None:
+def _data(path: str | None) -> Any:
+    """Calibration batches from a ``.pt`` file (``weights_only``) or a ``module:factory``."""
     if path is None:
         return None
-    obj = torch.load(path, weights_only=True)
+    if not path.endswith((".pt", ".pth")) and ":" in path:
+        factory = _import(path)
+        data = factory() if callable(factory) else factory
+        if isinstance(data, torch.Tensor) or not hasattr(data, "__iter__"):
+            raise UsageError(
+                f"--data {path!r} must give an iterable of batches (inputs or (inputs, targets)), "
+                f"got {type(data).__name__}"
+            )
+        return data
+    if not Path(path).exists():
+        raise UsageError(f"no such file: {path} (--data takes a .pt file or module:factory)")
+    try:
+        obj = torch.load(path, weights_only=True)
+    except Exception as exc:
+        raise UsageError(f"cannot read --data {path}: {str(exc).splitlines()[0]}") from exc
     if isinstance(obj, torch.Tensor):
         return list(obj.split(16))
     if (
@@ -89,10 +111,36 @@ def _data(path: str | None) -> list[Any] | None:
     raise UsageError("--data must be a .pt file holding a tensor or an (inputs, targets) pair")
 
 
+def _check_plot_path(path: str) -> None:
+    """Fail before the work starts if ``--plot`` cannot be written."""
+    if not path.lower().endswith(".png"):
+        raise UsageError(f"--plot writes a PNG file; use a '.png' path, got {path!r}")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        from fxcompress.plots import _MISSING
+
+        raise UsageError(_MISSING) from exc
+
+
+def _plot(report: Any, path: str | None) -> None:
+    if path is None:
+        return
+    from fxcompress.plots import plot_report
+
+    try:
+        out = plot_report(report, path)
+    except ModuleNotFoundError as exc:
+        raise UsageError(str(exc)) from exc
+    print(f"wrote {out}")
+
+
 def _cmd_optimize(args: argparse.Namespace) -> int:
     import fxcompress
     from fxcompress.io import save
 
+    if args.plot is not None:
+        _check_plot_path(args.plot)
     model = _load_model(args.model, args.allow_pickle)
     x = torch.randn(*_shape(args.input_shape))
     data = _data(args.data)
@@ -113,6 +161,7 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         report_path = out.with_suffix(".report.json")
         report_path.write_text(report.to_json())
         print(f"saved {out} and {report_path}")
+    _plot(report, args.plot)
     return 0
 
 
@@ -126,9 +175,12 @@ def _cmd_report(args: argparse.Namespace) -> int:
         d = json.loads(path.read_text())
     except ValueError as exc:
         raise UsageError(f"{path} is not a JSON report: {exc}") from exc
-    d.pop("ratio", None)
+    if not isinstance(d, dict) or "budget" not in d:
+        raise UsageError(f"{path} is not a report written by fxcompress optimize --out")
     fields = set(Report.__dataclass_fields__)
-    print(Report(**{k: v for k, v in d.items() if k in fields}).to_markdown())
+    report = Report(**{k: v for k, v in d.items() if k in fields})
+    print(report.to_markdown())
+    _plot(report, args.plot)
     return 0
 
 
@@ -163,17 +215,23 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("model", help="torchvision:NAME | package.module:factory | file.pt2")
     o.add_argument("--budget", type=float, required=True, help="fraction of latency in (0, 1]")
     o.add_argument("--input-shape", required=True, help="e.g. 1,3,224,224")
-    o.add_argument("--data", help=".pt file with a calibration tensor or (inputs, targets)")
+    o.add_argument(
+        "--data",
+        help="calibration data: a .pt file holding a tensor or (inputs, targets), or "
+        "package.module:factory returning an iterable of batches",
+    )
     o.add_argument("--latency", default="measure", choices=["measure", "flops"])
     o.add_argument("--device", default=None)
     o.add_argument("--cache-dir", default=None, help="latency cache directory")
     o.add_argument("--out", default=None, help="write the result as a .pt2 program")
+    o.add_argument("--plot", default=None, help="also write the report's plots to this .png")
     o.add_argument("--allow-pickle", action="store_true", help="allow loading pickled .pt models")
     o.add_argument("--quiet", action="store_true", help="no progress bars")
     o.set_defaults(func=_cmd_optimize)
 
     r = sub.add_parser("report", help="render a saved JSON report as Markdown")
-    r.add_argument("report")
+    r.add_argument("report", help="a .report.json written by optimize --out")
+    r.add_argument("--plot", default=None, help="also write the report's plots to this .png")
     r.set_defaults(func=_cmd_report)
 
     lat = sub.add_parser("latency", help="build or inspect a latency table")

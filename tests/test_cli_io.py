@@ -6,10 +6,13 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
+import torchvision
 from torch import nn
 
 import fxcompress
+from fxcompress import cli
 from fxcompress.io import load, load_plan, save, save_plan
 
 
@@ -23,13 +26,76 @@ def _run(*args: str, cwd=None) -> subprocess.CompletedProcess:
     )
 
 
-def test_cli_optimize_writes_program_and_report(tmp_path) -> None:
+TINYNET = """
+import torch
+from torch import nn
+
+
+def build():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+    )
+
+
+def batches():
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(4, 3, 16, 16, generator=g) for _ in range(2)]
+
+
+not_data = 3
+"""
+
+
+def test_cli_optimize_user_factory_data_plot_and_report(tmp_path) -> None:
+    (tmp_path / "tinynet.py").write_text(TINYNET)
+    out = tmp_path / "m.pt2"
+    proc = _run(
+        "optimize",
+        "tinynet:build",
+        "--budget",
+        "0.7",
+        "--input-shape",
+        "1,3,16,16",
+        "--latency",
+        "flops",
+        "--data",
+        "tinynet:batches",
+        "--out",
+        str(out),
+        "--plot",
+        str(tmp_path / "m.png"),
+        "--quiet",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "fxcompress report" in proc.stdout
+    report = json.loads(out.with_suffix(".report.json").read_text())
+    assert report["predicted_ms"] <= 0.7 * report["original_ms"]
+    assert report["front"], "a plan below 1.0 carries its Pareto front"
+    assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"
+    x = torch.randn(2, 3, 16, 16)
+    # the saved program is the compressed model: its parameter count is the report's
+    program = torch.export.load(str(out))
+    n_params = sum(p.numel() for p in program.module().parameters())
+    assert n_params == report["params_after"] < report["params_before"]
+    assert load(out)(x[:1]).shape == (1, 8, 16, 16)
+
+    shown = _run("report", str(out.with_suffix(".report.json")), "--plot", str(tmp_path / "r.png"))
+    assert shown.returncode == 0, shown.stderr
+    assert f"| {report['params_before']:,} | {report['params_after']:,} |" in shown.stdout
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_optimize_torchvision_exact(tmp_path) -> None:
     out = tmp_path / "r18.pt2"
     proc = _run(
         "optimize",
         "torchvision:resnet18",
         "--budget",
-        "0.7",
+        "1.0",
         "--input-shape",
         "1,3,32,32",
         "--latency",
@@ -39,39 +105,125 @@ def test_cli_optimize_writes_program_and_report(tmp_path) -> None:
         "--quiet",
     )
     assert proc.returncode == 0, proc.stderr
-    assert "fxcompress report" in proc.stdout
     report = json.loads(out.with_suffix(".report.json").read_text())
-    assert report["predicted_ms"] <= 0.7 * report["original_ms"]
-    model = load(out)
-    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 1000)
-    shown = _run("report", str(out.with_suffix(".report.json")))
-    assert shown.returncode == 0
-    assert "parameters" in shown.stdout
+    resnet18 = torchvision.models.resnet18()
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in resnet18.modules())
+    assert sum(e["kind"] == "fold_bn" for e in report["events"]) == n_bn
+    bn_params = sum(
+        p.numel()
+        for m in resnet18.modules()
+        if isinstance(m, nn.BatchNorm2d)
+        for p in m.parameters()
+    )
+    convs_without_bias = sum(
+        m.out_channels for m in resnet18.modules() if isinstance(m, nn.Conv2d) and m.bias is None
+    )
+    # folding turns each BN's (gamma, beta) into one conv bias
+    assert report["params_after"] == report["params_before"] - bn_params + convs_without_bias
+    assert load(out)(torch.randn(1, 3, 32, 32)).shape == (1, 1000)
 
 
-def test_cli_bad_input_one_line_nonzero() -> None:
-    cases = [
-        ("optimize", "torchvision:nope", "--budget", "0.5", "--input-shape", "1,3,8,8"),
-        (
-            "optimize",
-            "torchvision:resnet18",
-            "--budget",
-            "1.5",
-            "--input-shape",
-            "1,3,32,32",
-            "--latency",
-            "flops",
-        ),
-        ("optimize", "torchvision:resnet18", "--budget", "0.5", "--input-shape", "a,b"),
-        ("report", "/nonexistent.json"),
+def test_cli_bad_input_subprocess_one_line_nonzero() -> None:
+    proc = _run("optimize", "torchvision:nope", "--budget", "0.5", "--input-shape", "1,3,8,8")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "fxcompress: error: unknown torchvision model 'nope'"
     ]
-    for args in cases:
-        proc = _run(*args)
-        assert proc.returncode == 2, (args, proc.stderr)
-        lines = [
-            ln for ln in proc.stderr.strip().splitlines() if ln.startswith("fxcompress: error")
-        ]
-        assert len(lines) == 1, proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (
+            (
+                "optimize",
+                "torchvision:resnet18",
+                "--budget",
+                "1.5",
+                "--input-shape",
+                "1,3,32,32",
+                "--latency",
+                "flops",
+            ),
+            "budget=1.5",
+        ),
+        (
+            ("optimize", "torchvision:resnet18", "--budget", "0.5", "--input-shape", "a,b"),
+            "--input-shape",
+        ),
+        (
+            ("optimize", "tinynet:nothing", "--budget", "0.5", "--input-shape", "1,3,8,8"),
+            "tinynet:nothing",
+        ),
+        (
+            (
+                "optimize",
+                "tinynet:build",
+                "--budget",
+                "0.5",
+                "--input-shape",
+                "1,3,8,8",
+                "--data",
+                "tinynet:not_data",
+            ),
+            "iterable of batches",
+        ),
+        (
+            (
+                "optimize",
+                "tinynet:build",
+                "--budget",
+                "0.5",
+                "--input-shape",
+                "1,3,8,8",
+                "--data",
+                "missing.pt",
+            ),
+            "no such file: missing.pt",
+        ),
+        (
+            (
+                "optimize",
+                "tinynet:build",
+                "--budget",
+                "0.5",
+                "--input-shape",
+                "1,3,8,8",
+                "--plot",
+                "r.svg",
+            ),
+            "'.png'",
+        ),
+        (
+            ("optimize", "model.onnx", "--budget", "0.5", "--input-shape", "1,3,8,8"),
+            "torchvision:NAME",
+        ),
+        (("report", "/nonexistent.json"), "no such file"),
+        (("report", "notareport.json"), "not a report"),
+    ],
+)
+def test_cli_bad_input_one_line_nonzero(args, needle, tmp_path, monkeypatch, capsys) -> None:
+    (tmp_path / "tinynet.py").write_text(TINYNET)
+    (tmp_path / "notareport.json").write_text("[1, 2]")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert cli.main(list(args)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("fxcompress: error: ")
+    assert needle in err[0]
+
+
+def test_cli_plot_without_matplotlib_names_the_extra(tmp_path, monkeypatch, capsys) -> None:
+    report = fxcompress.Report(budget=0.5, original_ms=2.0, predicted_ms=1.0)
+    path = tmp_path / "r.report.json"
+    path.write_text(report.to_json())
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    assert cli.main(["report", str(path), "--plot", str(tmp_path / "r.png")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "fxcompress[plot]" in line
+    assert not (tmp_path / "r.png").exists()
 
 
 def test_cli_refuses_pickled_models_without_flag(tmp_path) -> None:
@@ -100,8 +252,25 @@ def test_cli_refuses_pickled_models_without_flag(tmp_path) -> None:
 def test_cli_help() -> None:
     proc = _run("--help")
     assert proc.returncode == 0
-    assert "optimize" in proc.stdout
-    assert "latency" in proc.stdout
+    for command in ("optimize", "report", "latency"):
+        assert command in proc.stdout
+
+
+def test_cli_subcommand_help_lists_options(capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["optimize", "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for option in (
+        "--budget",
+        "--input-shape",
+        "--data",
+        "--device",
+        "--cache-dir",
+        "--out",
+        "--plot",
+    ):
+        assert option in text
 
 
 def test_save_load_pt2_round_trip(tmp_path) -> None:
