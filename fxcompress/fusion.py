@@ -396,13 +396,34 @@ def _fuse_step(
     parent: dict[Any, Any] = {}
     current = count_params(gm)
     chosen: list[tuple[_Pair, float]] = []
-    for i in order:
-        if current <= target:
-            break
+
+    def take(i: int) -> None:
+        nonlocal current
         p = pairs[i]
         if _union(parent, _key(p, p.a, gm), _key(p, p.b, gm)):
             chosen.append((p, scores[i]))
             current -= p.saved
+
+    # most similar first, skipping fusions that would undershoot the budget ...
+    for i in order:
+        if current <= target:
+            break
+        p = pairs[i]
+        if current - p.saved >= target and _find(parent, _key(p, p.a, gm)) != _find(
+            parent, _key(p, p.b, gm)
+        ):
+            take(i)
+    # ... then, if still above it, the most similar fusion that reaches it (else the most similar)
+    while current > target:
+        live = [
+            i
+            for i in order
+            if _find(parent, _key(pairs[i], pairs[i].a, gm))
+            != _find(parent, _key(pairs[i], pairs[i].b, gm))
+        ]
+        if not live:
+            break
+        take(next((i for i in live if current - pairs[i].saved <= target), live[0]))
     if not chosen:
         return gm, [], moved, skipped
     expected = current
