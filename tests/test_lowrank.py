@@ -367,3 +367,29 @@ def test_result_exports_to_onnx(cache):
         sess = ort.InferenceSession(path)
         (out,) = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
     torch.testing.assert_close(torch.from_numpy(out), gm(x).detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_excluded_layers_stay_dense_and_are_reported(cache):
+    model, x = net()
+    gm = decompose(model, 0.8, x, cache=cache, exclude=("fc1", "conv3"))
+    report = gm.meta["fxcompress.lowrank"]
+    assert {d.name for d in report.layers} == {"conv1", "conv2", "fc2"}
+    assert ("fc1", "excluded by the caller") in report.skipped
+    assert isinstance(gm.get_submodule("conv3"), nn.Conv2d)
+    assert isinstance(gm.get_submodule("fc1"), nn.Linear)
+
+
+def test_measured_latency_budget_uses_the_table():
+    from fxcompress.latency import LatencyTable
+
+    model = nn.Sequential(nn.Conv2d(8, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3)).eval()
+    x = torch.randn(1, 8, 16, 16)
+    table = LatencyTable(mode="measure", repeats=1, warmup=0)
+    gm = decompose(model, {"latency": 0.99}, x, latency=table, max_groups=1, ranks=2)
+    report = gm.meta["fxcompress.lowrank"]
+    assert report.metric == "latency"
+    assert len(table) > 0  # the candidates were priced by measuring them
+    assert report.after <= 0.99 * report.before
+    for d in report.layers:
+        assert d.ms_before is not None
+        assert d.ms_after is not None

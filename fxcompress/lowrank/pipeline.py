@@ -281,6 +281,7 @@ def decompose(
     check: bool = True,
     progress: bool | None = None,
     leaf_modules: Sequence[Any] = (),
+    exclude: Sequence[str] = (),
 ) -> fx.GraphModule:
     """Replace conv and linear layers by low-rank grouped pairs, ranks allocated globally.
 
@@ -331,6 +332,9 @@ def decompose(
         Progress bar over the layers (default: only on a terminal).
     leaf_modules : sequence of str or type
         Passed to :func:`fxcompress.capture`.
+    exclude : sequence of str
+        Layers (qualified module names, or a prefix ending in ``.``) to leave dense, e.g. a
+        classifier that should keep full rank; they are reported as skipped.
 
     Returns
     -------
@@ -370,6 +374,9 @@ def decompose(
     cache = cache if cache is not None else ErrorCache()
     gm = capture(model, inputs, leaf_modules=leaf_modules, check=check)
     sites, skipped = find_sites(gm)
+    excluded = tuple(s for s in sites if _excluded(s.name, exclude))
+    sites = tuple(s for s in sites if s not in excluded)
+    skipped = skipped + tuple((s.name, "excluded by the caller") for s in excluded)
     weights = {n.name: layer_of(gm, n) for n in gm.graph.nodes if n.name in {s.node for s in sites}}
     price = _Pricer(metric, table)
 
@@ -455,6 +462,12 @@ def decompose(
     )
     result.meta["fxcompress.lowrank"] = report
     return result
+
+
+def _excluded(name: str, exclude: Sequence[str]) -> bool:
+    if isinstance(exclude, str):
+        exclude = (exclude,)
+    return any(name == e or (e.endswith(".") and name.startswith(e)) for e in exclude)
 
 
 def _dense_note(menu: LayerOptions) -> str:

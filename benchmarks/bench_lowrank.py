@@ -1,0 +1,299 @@
+"""ALDS low-rank decomposition vs the uniform-rank and SVD-energy baselines.
+
+Two parts:
+
+- ``digits``: a ResNet-20-style network (three stages of three basic blocks, width 16) trained on
+  the scikit-learn digits (``benchmarks/digits.py``); for each method and fraction of parameters
+  kept: test accuracy right after :func:`fxcompress.lowrank.decompose` and after the short
+  retraining every compressed model of the benchmarks gets (``digits.finetune_schedule``), and
+  the measured CPU latency ratio (batch 1 and 32).
+- ``torchvision``: ResNet-18 and VGG-11 with random weights at 224x224, batch 1: parameters, MACs,
+  measured CPU latency ratio and the time the decomposition takes.
+
+Latency ratios are measured in the same process, original and result alternately (median of
+three rounds of medians, one thread). Writes ``benchmarks/results/lowrank.md``, ``lowrank.json``
+and ``lowrank.png``.
+
+    python benchmarks/bench_lowrank.py                 # both parts (about 15 min on 2 cores)
+    python benchmarks/bench_lowrank.py --parts digits --fractions 0.5 0.25
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torchvision
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import digits
+from fxcompress.latency import LatencyTable
+from fxcompress.lowrank import ErrorCache, decompose
+
+RESULTS = Path(__file__).parent / "results"
+METHODS = ("alds", "uniform", "energy")
+
+
+def latency_ratio(
+    table: LatencyTable,
+    original: torch.nn.Module,
+    result: torch.nn.Module,
+    x: torch.Tensor,
+    rounds: int = 3,
+) -> tuple[float, float]:
+    """(original ms, result / original), timed alternately in this run."""
+    a, b = [], []
+    for _ in range(rounds):
+        a.append(table.measure_module(original, (x,)))
+        b.append(table.measure_module(result, (x,)))
+    return statistics.median(a), statistics.median(b) / statistics.median(a)
+
+
+def run_digits(fractions: list[float], epochs: int, table: LatencyTable) -> dict:
+    data = digits.load_digits_split(seed=0)
+    model = digits.trained("resnet", data, blocks=(3, 3, 3))
+    base = digits.evaluate(model, data.test)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"digits ResNet-20: {params:,} parameters, test accuracy {base:.4f}", flush=True)
+    x_cal = data.train.x[:32]
+    cache = ErrorCache()
+    rows = []
+    for method in METHODS:
+        for fraction in fractions:
+            t0 = time.perf_counter()
+            try:
+                gm = decompose(model, fraction, x_cal, method=method, cache=cache, progress=False)
+            except Exception as exc:  # an infeasible budget is a result too
+                rows.append({"method": method, "fraction": fraction, "error": str(exc)})
+                continue
+            seconds = time.perf_counter() - t0
+            report = gm.meta["fxcompress.lowrank"]
+            acc = digits.evaluate(gm, data.test)
+            tuned = decompose(
+                model,
+                fraction,
+                x_cal,
+                method=method,
+                cache=cache,
+                progress=False,
+                finetune=digits.finetune_schedule(data, epochs=epochs),
+            )
+            acc_ft = digits.evaluate(tuned, data.test)
+            lat = {}
+            for batch in (1, 32):
+                x = data.test.x[:batch]
+                _, lat[batch] = latency_ratio(table, model, tuned, x)
+            row = {
+                "method": method,
+                "fraction": fraction,
+                "params_kept": report.params_after / report.params_before,
+                "macs_kept": report.macs_after / report.macs_before,
+                "max_error": report.max_error,
+                "decomposed": sum(d.decomposed for d in report.layers),
+                "layers": len(report.layers),
+                "acc": acc,
+                "acc_ft": acc_ft,
+                "lat_b1": lat[1],
+                "lat_b32": lat[32],
+                "seconds": seconds,
+                "ks": sorted({d.k for d in report.layers if d.decomposed}),
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    # the paper's retraining reference: the original model retrained with the same schedule
+    ref = digits.copy_model(model)
+    digits.finetune(ref, data, epochs=epochs)
+    return {
+        "base_acc": base,
+        "base_ft_acc": digits.evaluate(ref, data.test),
+        "params": params,
+        "epochs": epochs,
+        "rows": rows,
+    }
+
+
+def run_torchvision(names: list[str], fractions: list[float], table: LatencyTable) -> list[dict]:
+    rows = []
+    for name in names:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = torchvision.models.get_model(name, weights=None).eval()
+            x = torch.randn(1, 3, 224, 224)
+        cache = ErrorCache()
+        for method in METHODS:
+            for fraction in fractions:
+                t0 = time.perf_counter()
+                gm = decompose(
+                    model,
+                    fraction,
+                    x,
+                    method=method,
+                    cache=cache,
+                    progress=False,
+                    max_groups=4,
+                    ranks=16,
+                )
+                seconds = time.perf_counter() - t0
+                report = gm.meta["fxcompress.lowrank"]
+                original_ms, ratio = latency_ratio(table, model, gm, x)
+                row = {
+                    "model": name,
+                    "method": method,
+                    "fraction": fraction,
+                    "params_kept": report.params_after / report.params_before,
+                    "macs_kept": report.macs_after / report.macs_before,
+                    "max_error": report.max_error,
+                    "original_ms": original_ms,
+                    "lat_b1": ratio,
+                    "seconds": seconds,
+                    "ks": sorted({d.k for d in report.layers if d.decomposed}),
+                }
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    return rows
+
+
+def render(results: dict) -> str:
+    lines = ["# Low-rank decomposition: ALDS vs uniform rank vs SVD energy", ""]
+    d = results.get("digits")
+    if d:
+        lines += [
+            f"Digits ResNet-20 (three stages of three basic blocks, width 16; "
+            f"{d['params']:,} parameters), test accuracy {d['base_acc']:.4f}; the same model "
+            f"retrained with the same {d['epochs']}-epoch schedule: {d['base_ft_acc']:.4f}. "
+            "Budget: fraction of all parameters kept. 'acc' right after the decomposition, "
+            "'retrained' after the short retraining; latency = measured CPU ratio vs the "
+            "original (1 thread).",
+            "",
+            "| method | budget | params kept | MACs kept | max error | layers decomposed | acc "
+            "| retrained | Δ retrained vs base | latency b1 | latency b32 |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in d["rows"]:
+            if "error" in r:
+                lines.append(f"| {r['method']} | {r['fraction']} | infeasible | | | | | | | | |")
+                continue
+            lines.append(
+                f"| {r['method']} | {r['fraction']} | {r['params_kept']:.3f} | "
+                f"{r['macs_kept']:.3f} | {r['max_error']:.3f} | {r['decomposed']}/{r['layers']} "
+                f"| {r['acc']:.4f} | {r['acc_ft']:.4f} | {100 * (r['acc_ft'] - d['base_acc']):+.2f}"
+                f" | {r['lat_b1']:.3f} | {r['lat_b32']:.3f} |"
+            )
+        lines.append("")
+    tv = results.get("torchvision")
+    if tv:
+        lines += [
+            "torchvision models, random weights, 1×3×224×224, ALDS with k ≤ 4 and 16 candidate "
+            "ranks per (layer, k). Latency = measured CPU ratio vs the original (1 thread).",
+            "",
+            "| model | method | budget | params kept | MACs kept | max error | latency b1 "
+            "| original ms | decompose s |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in tv:
+            lines.append(
+                f"| {r['model']} | {r['method']} | {r['fraction']} | {r['params_kept']:.3f} | "
+                f"{r['macs_kept']:.3f} | {r['max_error']:.3f} | {r['lat_b1']:.3f} | "
+                f"{r['original_ms']:.1f} | {r['seconds']:.1f} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    d = results.get("digits")
+    tv = results.get("torchvision") or []
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    colours = {"alds": "C0", "uniform": "C1", "energy": "C2"}
+    if d:
+        ax = axes[0]
+        for method in METHODS:
+            rows = sorted(
+                (r for r in d["rows"] if r["method"] == method and "acc" in r),
+                key=lambda r: r["params_kept"],
+            )
+            kept = [r["params_kept"] for r in rows]
+            ax.plot(
+                kept,
+                [r["acc"] for r in rows],
+                "--o",
+                color=colours[method],
+                alpha=0.5,
+                label=f"{method} (no retraining)",
+            )
+            ax.plot(
+                kept,
+                [r["acc_ft"] for r in rows],
+                "-o",
+                color=colours[method],
+                label=f"{method} (retrained)",
+            )
+        ax.axhline(d["base_acc"], color="k", lw=0.8, label="original")
+        ax.set_xlabel("fraction of parameters kept")
+        ax.set_ylabel("test accuracy")
+        ax.set_title("digits ResNet-20")
+        ax.legend(fontsize=7)
+    ax = axes[1]
+    markers = {"resnet18": "o", "vgg11": "s", "digits": "^"}
+    for method in METHODS:
+        pts = [(r["params_kept"], r["lat_b1"], r["model"]) for r in tv if r["method"] == method]
+        if d:
+            pts += [
+                (r["params_kept"], r["lat_b1"], "digits")
+                for r in d["rows"]
+                if r["method"] == method and "acc" in r
+            ]
+        for kept, lat, model in pts:
+            ax.scatter(kept, lat, color=colours[method], marker=markers[model])
+    for method in METHODS:
+        ax.scatter([], [], color=colours[method], label=method)
+    for model, m in markers.items():
+        ax.scatter([], [], color="grey", marker=m, label=model)
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set_xlabel("fraction of parameters kept")
+    ax.set_ylabel("measured latency ratio (batch 1, CPU)")
+    ax.set_title("latency vs size")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", nargs="+", default=["digits", "torchvision"])
+    parser.add_argument("--fractions", nargs="+", type=float, default=[0.75, 0.5, 0.35, 0.25])
+    parser.add_argument("--tv-fractions", nargs="+", type=float, default=[0.5, 0.25])
+    parser.add_argument("--models", nargs="+", default=["resnet18", "vgg11"])
+    parser.add_argument("--epochs", type=int, default=4, help="retraining epochs")
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    table = LatencyTable(mode="measure", threads=1, repeats=15, warmup=3)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict = {}
+    json_path = out / "lowrank.json"
+    if "digits" in args.parts:
+        results["digits"] = run_digits(args.fractions, args.epochs, table)
+        json_path.write_text(json.dumps(results, indent=1))
+    if "torchvision" in args.parts:
+        results["torchvision"] = run_torchvision(args.models, args.tv_fractions, table)
+        json_path.write_text(json.dumps(results, indent=1))
+    (out / "lowrank.md").write_text(render(results))
+    plot(results, out / "lowrank.png")
+    print(render(results))
+
+
+if __name__ == "__main__":
+    main()
