@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -123,7 +124,7 @@ def find_blocks(gm: fx.GraphModule) -> Blocks:
     regions = _regions(gm)
     runs = _runs(regions)
     counts = module_call_counts(gm)
-    attr_uses = _attr_uses(gm)
+    attr_uses = Counter(str(n.target) for n in gm.graph.nodes if n.op == "get_attr")
     blocks: list[Block] = []
     for r, run in enumerate(runs):
         sigs = [_signature(gm, reg.nodes, reg.fork) for reg in run]
@@ -306,7 +307,7 @@ def _target_key(gm: fx.GraphModule, node: fx.Node, first_use: dict[str, int]) ->
         target = str(node.target)
         return ("m", _module_key(gm.get_submodule(target)), first_use[target])
     if node.op == "get_attr":
-        value = _attr(gm, str(node.target))
+        value = attr(gm, str(node.target))
         shape = tuple(value.shape) if hasattr(value, "shape") else repr(value)
         return ("a", shape, first_use[str(node.target)])
     if node.op == "call_function":
@@ -334,19 +335,11 @@ def _signature(gm: fx.GraphModule, nodes: Iterable[fx.Node], fork: fx.Node) -> s
     return hashlib.sha1(repr(parts).encode()).hexdigest()[:12]
 
 
-def _attr(gm: fx.GraphModule, target: str) -> Any:
+def attr(gm: fx.GraphModule, target: str) -> Any:
     value: Any = gm
     for part in target.split("."):
         value = getattr(value, part)
     return value
-
-
-def _attr_uses(gm: fx.GraphModule) -> dict[str, int]:
-    uses: dict[str, int] = {}
-    for n in gm.graph.nodes:
-        if n.op == "get_attr":
-            uses[str(n.target)] = uses.get(str(n.target), 0) + 1
-    return uses
 
 
 def _slots(gm: fx.GraphModule, nodes: tuple[fx.Node, ...]) -> Iterator[tuple[str, str]]:
@@ -389,7 +382,7 @@ def _make_block(
         if kind == "module":
             params += sum(p.numel() for p in gm.get_submodule(t).parameters())
         else:
-            value = _attr(gm, t)
+            value = attr(gm, t)
             params += value.numel() if isinstance(value, nn.Parameter) else 0
     sig_nodes = [n for n in nodes if n.op != "get_attr"]
     prefix = _common_prefix([str(n.target) for n in nodes if n.op in ("call_module", "get_attr")])

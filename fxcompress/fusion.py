@@ -38,7 +38,7 @@ import torch
 from torch import fx, nn
 
 from ._fusion_align import align_block
-from ._fusion_blocks import Block, Blocks, find_blocks
+from ._fusion_blocks import Block, Blocks, attr, find_blocks
 from ._fusion_similarity import linear_cka, record, weight_cosine
 from ._graph import finalize
 from .capture import capture, propagate_shapes
@@ -294,7 +294,7 @@ def _slot_numel(gm: fx.GraphModule, block: Block, k: int) -> int:
     target = block.slots[k]
     if block.slot_kinds[k] == "module":
         return sum(p.numel() for p in gm.get_submodule(target).parameters())
-    value = _attr(gm, target)
+    value = attr(gm, target)
     return value.numel() if isinstance(value, nn.Parameter) else 0
 
 
@@ -485,22 +485,10 @@ def _tensors(gm: fx.GraphModule, block: Block, slot: int | None) -> list[torch.T
         if block.slot_kinds[k] == "module":
             out += list(gm.get_submodule(block.slots[k]).parameters())
         else:
-            value = _attr(gm, block.slots[k])
+            value = attr(gm, block.slots[k])
             if isinstance(value, torch.Tensor):
                 out.append(value)
     return out
-
-
-def _attr(gm: fx.GraphModule, target: str) -> Any:
-    value: Any = gm
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value
-
-
-def _set_attr(gm: fx.GraphModule, target: str, value: Any) -> None:
-    owner, _, name = target.rpartition(".")
-    setattr(gm.get_submodule(owner) if owner else gm, name, value)
 
 
 def _averaged(values: list[torch.Tensor]) -> torch.Tensor:
@@ -572,9 +560,9 @@ def _drop(
                     [gm.get_submodule(b.slots[k]) for b in run], gm.get_submodule(keep.slots[k])
                 )
             else:
-                value = _attr(gm, keep.slots[k])
+                value = attr(gm, keep.slots[k])
                 with torch.no_grad():
-                    value.copy_(_averaged([_attr(gm, b.slots[k]) for b in run]))
+                    value.copy_(_averaged([attr(gm, b.slots[k]) for b in run]))
                 attrs.update(b.slots[k] for b in run[1:])
         nodes[run[-1].output].replace_all_uses_with(nodes[keep.output])
         doomed += [nodes[n] for b in run[1:] for n in b.nodes]
