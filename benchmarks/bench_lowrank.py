@@ -118,6 +118,54 @@ def run_digits(fractions: list[float], epochs: int, table: LatencyTable) -> dict
     }
 
 
+def run_latency_budget(fractions: list[float], table: LatencyTable, batch: int) -> dict:
+    """ALDS under a measured-latency budget on the digits ResNet-20 (no retraining)."""
+    data = digits.load_digits_split(seed=0)
+    model = digits.trained("resnet", data, blocks=(3, 3, 3))
+    x = data.test.x[:batch]
+    rows = []
+    for fraction in fractions:
+        t0 = time.perf_counter()
+        try:
+            gm = decompose(
+                model,
+                {"latency": fraction},
+                x,
+                latency=table,
+                max_groups=2,
+                ranks=8,
+                progress=False,
+            )
+        except Exception as exc:
+            rows.append({"fraction": fraction, "error": str(exc)})
+            print(json.dumps(rows[-1]), flush=True)
+            continue
+        seconds = time.perf_counter() - t0
+        report = gm.meta["fxcompress.lowrank"]
+        _, ratio = latency_ratio(table, model, gm, x)
+        rows.append(
+            {
+                "fraction": fraction,
+                "predicted": report.after / report.before,
+                "measured": ratio,
+                "params_kept": report.params_after / report.params_before,
+                "acc": digits.evaluate(gm, data.test),
+                "decomposed": sum(d.decomposed for d in report.layers),
+                "seconds": seconds,
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    return {"batch": batch, "rows": rows}
+
+
+# VGG's classifier (93 % of its parameters, 4096 x 25088) takes minutes to tabulate and little
+# time to run: VGG-11 is decomposed under a MAC budget with its classifier left dense.
+TV_SETUP = {
+    "resnet18": {"budget": "params", "exclude": ()},
+    "vgg11": {"budget": "macs", "exclude": ("classifier.",)},
+}
+
+
 def run_torchvision(names: list[str], fractions: list[float], table: LatencyTable) -> list[dict]:
     rows = []
     for name in names:
@@ -125,19 +173,21 @@ def run_torchvision(names: list[str], fractions: list[float], table: LatencyTabl
             torch.manual_seed(0)
             model = torchvision.models.get_model(name, weights=None).eval()
             x = torch.randn(1, 3, 224, 224)
+        setup = TV_SETUP.get(name, {"budget": "params", "exclude": ()})
         cache = ErrorCache()
         for method in METHODS:
             for fraction in fractions:
                 t0 = time.perf_counter()
                 gm = decompose(
                     model,
-                    fraction,
+                    {setup["budget"]: fraction},
                     x,
                     method=method,
                     cache=cache,
                     progress=False,
                     max_groups=4,
                     ranks=16,
+                    exclude=setup["exclude"],
                 )
                 seconds = time.perf_counter() - t0
                 report = gm.meta["fxcompress.lowrank"]
@@ -145,6 +195,7 @@ def run_torchvision(names: list[str], fractions: list[float], table: LatencyTabl
                 row = {
                     "model": name,
                     "method": method,
+                    "budget": setup["budget"],
                     "fraction": fraction,
                     "params_kept": report.params_after / report.params_before,
                     "macs_kept": report.macs_after / report.macs_before,
@@ -186,11 +237,31 @@ def render(results: dict) -> str:
                 f" | {r['lat_b1']:.3f} | {r['lat_b32']:.3f} |"
             )
         lines.append("")
+    lb = results.get("latency")
+    if lb:
+        lines += [
+            f"ALDS under a measured-latency budget (digits ResNet-20, batch {lb['batch']}, k ≤ 2, "
+            "8 candidate ranks; every candidate pair timed): predicted and measured latency "
+            "ratio, no retraining.",
+            "",
+            "| budget | predicted | measured | params kept | layers decomposed | acc |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in lb["rows"]:
+            if "error" in r:
+                lines.append(f"| {r['fraction']} | infeasible: {r['error'][:90]} | | | | |")
+                continue
+            lines.append(
+                f"| {r['fraction']} | {r['predicted']:.3f} | {r['measured']:.3f} | "
+                f"{r['params_kept']:.3f} | {r['decomposed']} | {r['acc']:.4f} |"
+            )
+        lines.append("")
     tv = results.get("torchvision")
     if tv:
         lines += [
             "torchvision models, random weights, 1×3×224×224, ALDS with k ≤ 4 and 16 candidate "
-            "ranks per (layer, k). Latency = measured CPU ratio vs the original (1 thread).",
+            "ranks per (layer, k); VGG-11 under a MAC budget with its classifier left dense. "
+            "Latency = measured CPU ratio vs the original (1 thread).",
             "",
             "| model | method | budget | params kept | MACs kept | max error | latency b1 "
             "| original ms | decompose s |",
@@ -198,7 +269,8 @@ def render(results: dict) -> str:
         ]
         for r in tv:
             lines.append(
-                f"| {r['model']} | {r['method']} | {r['fraction']} | {r['params_kept']:.3f} | "
+                f"| {r['model']} | {r['method']} | {r['budget']} {r['fraction']} | "
+                f"{r['params_kept']:.3f} | "
                 f"{r['macs_kept']:.3f} | {r['max_error']:.3f} | {r['lat_b1']:.3f} | "
                 f"{r['original_ms']:.1f} | {r['seconds']:.1f} |"
             )
@@ -274,6 +346,7 @@ def main() -> None:
     parser.add_argument("--parts", nargs="+", default=["digits", "torchvision"])
     parser.add_argument("--fractions", nargs="+", type=float, default=[0.75, 0.5, 0.35, 0.25])
     parser.add_argument("--tv-fractions", nargs="+", type=float, default=[0.5, 0.25])
+    parser.add_argument("--latency-fractions", nargs="+", type=float, default=[0.9, 0.75])
     parser.add_argument("--models", nargs="+", default=["resnet18", "vgg11"])
     parser.add_argument("--epochs", type=int, default=4, help="retraining epochs")
     parser.add_argument("--out", default=str(RESULTS))
@@ -282,10 +355,14 @@ def main() -> None:
     table = LatencyTable(mode="measure", threads=1, repeats=15, warmup=3)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results: dict = {}
     json_path = out / "lowrank.json"
+    # parts run separately accumulate in one file
+    results: dict = json.loads(json_path.read_text()) if json_path.exists() else {}
     if "digits" in args.parts:
         results["digits"] = run_digits(args.fractions, args.epochs, table)
+        json_path.write_text(json.dumps(results, indent=1))
+    if "latency" in args.parts:
+        results["latency"] = run_latency_budget(args.latency_fractions, table, batch=32)
         json_path.write_text(json.dumps(results, indent=1))
     if "torchvision" in args.parts:
         results["torchvision"] = run_torchvision(args.models, args.tv_fractions, table)
