@@ -413,7 +413,7 @@ def _fuse_step(
             parent, _key(p, p.b, gm)
         ):
             take(i)
-    # ... then, if still above it, the most similar fusion that reaches it (else the most similar)
+    # ... then, if still above it, the smallest fusion that reaches it (else the most similar)
     while current > target:
         live = [
             i
@@ -423,7 +423,8 @@ def _fuse_step(
         ]
         if not live:
             break
-        take(next((i for i in live if current - pairs[i].saved <= target), live[0]))
+        reaching = [i for i in live if current - pairs[i].saved <= target]
+        take(min(reaching, key=lambda i: pairs[i].saved) if reaching else live[0])
     if not chosen:
         return gm, [], moved, skipped
     expected = current
