@@ -786,8 +786,10 @@ def _optimize_below_one(
         logger.info("measured ratio %.3f vs goal %.3f; re-planning", ratio, goal_ratio)
         try:
             new_plan = _solve(keep[0], min(new_target, plan.original_ms), timings)
-        except InfeasibleBudget:
-            break
+        except InfeasibleBudget as exc:
+            # the prediction says no plan is that fast, but predictions already missed: the
+            # fastest plan is the last one worth measuring
+            new_plan = _solve(keep[0], exc.minimum * plan.original_ms, timings)
         if new_plan.segments in seen:
             break
         plan = new_plan
@@ -797,6 +799,15 @@ def _optimize_below_one(
         plan, relaxed, result, ratio = min(met, key=lambda t: (t[0].damage, t[0].predicted_ms))
     else:
         plan, relaxed, result, ratio = min(tried, key=lambda t: t[3] or 0.0)
+        result.meta["fxcompress"] = report
+        raise InfeasibleBudget(
+            f"budget {goal_ratio:.3g} was planned for, but the fastest of {len(tried)} measured "
+            f"plans runs at {ratio:.3g} of the original latency on {table.device} (the latency "
+            "table's predictions miss this network); ask for a budget of at least "
+            f"{ratio:.3g}, or take the fastest model from this exception's .result",
+            minimum=ratio,
+            result=result,
+        )
     if ratio is not None:
         report.final_ms = ratio * plan.original_ms
     if finetune is not None:

@@ -35,11 +35,15 @@ class InfeasibleBudget(FxCompressError):
     ----------
     minimum : float
         The lowest latency reachable (same unit as the budget that was asked for).
+    result : object or None
+        When the budget was missed only on measurement (the plan predicted it would fit), the
+        fastest model that was built, so the work is not lost; otherwise None.
     """
 
-    def __init__(self, message: str, *, minimum: float) -> None:
+    def __init__(self, message: str, *, minimum: float, result: object = None) -> None:
         super().__init__(message)
         self.minimum = minimum
+        self.result = result
 
 
 class RewriteError(FxCompressError):

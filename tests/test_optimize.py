@@ -300,3 +300,50 @@ def test_measured_latency_closed_loop_reports_measurements(tmp_path) -> None:
     assert len(report.replans) <= 1
     assert report.predicted_ms <= 0.9 * report.original_ms + 1e-9
     assert list(tmp_path.glob("latency-*.json")), "the measured table was cached on disk"
+
+
+def _fake_timing(monkeypatch, ratio_of) -> list[float]:
+    """Replace whole-network timing by ``ratio_of(original, result)``; returns the ratios seen."""
+    import fxcompress.api as api
+
+    seen: list[float] = []
+
+    def fake(table, a, b, inputs, pairs=15):
+        r = ratio_of(a, b)
+        seen.append(r)
+        return 10.0, 10.0 * r
+
+    monkeypatch.setattr(api, "_paired_latency", fake)
+    return seen
+
+
+def test_closed_loop_raises_with_the_fastest_model_when_measurements_never_fit(
+    tmp_path, monkeypatch
+) -> None:
+    table = fxcompress.LatencyTable(mode="measure", repeats=2, warmup=0, cache_dir=tmp_path)
+    seen = _fake_timing(monkeypatch, lambda a, b: 0.99)
+    with pytest.raises(fxcompress.InfeasibleBudget, match="fastest of") as info:
+        fxcompress.optimize(_net(), 0.8, example_inputs=X, latency=table, max_replans=2)
+    assert info.value.minimum == pytest.approx(0.99)
+    assert isinstance(info.value.result, fx.GraphModule)
+    assert info.value.result(X).shape == _net()(X).shape
+    assert 2 <= len(seen) <= 1 + 1 + 2  # make_plan's baseline pair + at most 1 + max_replans
+
+
+def test_closed_loop_replans_until_the_measurement_fits(tmp_path, monkeypatch) -> None:
+    def layers(gm):
+        return sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in gm.modules())
+
+    def macs_ratio(a, b):  # a stand-in "measurement" the table does not predict
+        return 1.2 * layers(b) / layers(a)
+
+    table = fxcompress.LatencyTable(mode="measure", repeats=2, warmup=0, cache_dir=tmp_path)
+    seen = _fake_timing(monkeypatch, macs_ratio)
+    budget = 0.75  # the first plan measures 0.8: too slow
+    out = fxcompress.optimize(_net(), budget, example_inputs=X, latency=table, max_replans=3)
+    report = out.meta["fxcompress"]
+    assert report.ratio <= 1.05 * budget
+    assert report.ratio == pytest.approx(macs_ratio(fxcompress.capture(_net(), X), out))
+    assert report.replans
+    assert report.replans[0]["direction"] == "tighter"
+    assert len(report.replans) <= len(seen) - 2  # one baseline pair, one per attempt
