@@ -775,15 +775,6 @@ def _optimize_below_one(
             break
         # aim inside the accepted band [0.85, 1.05] x goal, nearer its top (least damage)
         new_target = _next_target(history, 0.96 * goal_ratio)
-        report.replans.append(
-            {
-                "measured_ratio": ratio,
-                "goal_ratio": goal_ratio,
-                "new_budget_ms": new_target,
-                "direction": "tighter" if ratio > goal_ratio else "looser",
-            }
-        )
-        logger.info("measured ratio %.3f vs goal %.3f; re-planning", ratio, goal_ratio)
         try:
             new_plan = _solve(keep[0], min(new_target, plan.original_ms), timings)
         except InfeasibleBudget as exc:
@@ -792,6 +783,15 @@ def _optimize_below_one(
             new_plan = _solve(keep[0], exc.minimum * plan.original_ms, timings)
         if new_plan.segments in seen:
             break
+        report.replans.append(
+            {
+                "measured_ratio": ratio,
+                "goal_ratio": goal_ratio,
+                "new_budget_ms": new_plan.budget_ms,
+                "direction": "tighter" if ratio > goal_ratio else "looser",
+            }
+        )
+        logger.info("measured ratio %.3f vs goal %.3f; re-planning", ratio, goal_ratio)
         plan = new_plan
     # the least damaging attempt that met the goal (else the fastest one)
     met = [t for t in tried if t[3] is None or t[3] <= 1.05 * goal / tried[0][0].original_ms]

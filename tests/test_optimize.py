@@ -358,4 +358,4 @@ def test_closed_loop_replans_until_the_measurement_fits(tmp_path, monkeypatch) -
     assert report.ratio <= 1.05 * budget
     assert report.ratio == pytest.approx(macs_ratio(fxcompress.capture(_net(), X), out))
     assert report.replans
-    assert len(report.replans) <= len(seen) - 2  # one baseline pair, one per attempt
+    assert len(report.replans) == len(seen) - 2  # one baseline pair, then one per attempt
