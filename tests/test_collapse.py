@@ -426,3 +426,25 @@ def test_functional_layers_are_sites() -> None:
         torch.testing.assert_close(out(x), expected, rtol=1e-9, atol=1e-9)
     assert [type(m) for m in out.children()] == [nn.Linear]
     assert params(out) == 5 * 5 + 5  # the functional weights went with their last reader
+
+
+@given(st.integers(0, 2**16), st.sampled_from(ACTS))
+def test_batchnorm_after_the_activation_is_folded(seed, act) -> None:
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        bn = nn.BatchNorm1d(24)
+        with torch.no_grad():
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+            bn.weight.uniform_(-2, 2)
+            bn.bias.uniform_(-1, 1)
+        model = nn.Sequential(nn.Linear(6, 24), act(), bn, nn.Dropout(), nn.Linear(24, 5))
+        model = model.double().eval()
+        x = torch.randn(7, 6, dtype=torch.float64)
+    prepared = collapse.prepare(model, x)
+    set_slopes(prepared, {"0_act": 1.0})
+    out = collapse.apply(prepared, tol=0.0)
+    assert not any(isinstance(m, nn.BatchNorm1d) for m in out.modules())
+    ref = copy.deepcopy(model)
+    ref[1] = nn.Identity()
+    assert_equivalent(out, ref, x, rtol=1e-9)
