@@ -312,3 +312,27 @@ def test_plan_and_weights_round_trip(tmp_path) -> None:
     with torch.no_grad():
         ref = relaxed.eval()(x)
         assert float((merged(x) - ref).abs().max() / ref.abs().max()) <= 1e-5
+
+
+def test_progress_bars_follow_the_progress_flag(capsys) -> None:
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()
+    ).eval()
+    x = torch.randn(1, 3, 12, 12)
+    kw = {"example_inputs": x, "data": [torch.randn(2, 3, 12, 12)], "latency": "flops"}
+    fxcompress.optimize(model, 0.7, progress=True, **kw)
+    assert "fxcompress scoring" in capsys.readouterr().err
+    fxcompress.optimize(model, 0.7, progress=False, **kw)
+    assert "fxcompress" not in capsys.readouterr().err
+    # default (None): only on a terminal; pytest's captured stderr is not one
+    fxcompress.optimize(model, 0.7, **kw)
+    assert "fxcompress" not in capsys.readouterr().err
+
+
+def test_track_yields_everything_with_or_without_a_bar(capsys) -> None:
+    from fxcompress.progress import track
+
+    assert list(track(iter(range(5)), desc="finetune", enabled=True)) == list(range(5))
+    assert "fxcompress finetune" in capsys.readouterr().err
+    assert list(track([1, 2], desc="finetune", enabled=False)) == [1, 2]
+    assert capsys.readouterr().err == ""
