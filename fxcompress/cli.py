@@ -27,6 +27,8 @@ from .errors import FxCompressError
 
 __all__ = ["main"]
 
+logger = logging.getLogger("fxcompress.cli")
+
 
 class UsageError(Exception):
     """A bad command line: reported in one line with exit status 2."""
@@ -43,6 +45,12 @@ def _load_model(spec: str, allow_pickle: bool) -> nn.Module:
     if spec.endswith(".pt2"):
         if not Path(spec).exists():
             raise UsageError(f"no such file: {spec}")
+        logger.warning(
+            "%s is an exported program (aten ops): it is traced and checked, but its layers are "
+            "not recognised for rewriting yet; pass the model's factory (package.module:factory) "
+            "to compress it",
+            spec,
+        )
         return torch.export.load(spec).module()
     if spec.endswith((".pt", ".pth")):
         if not allow_pickle:

@@ -336,3 +336,15 @@ def test_track_yields_everything_with_or_without_a_bar(capsys) -> None:
     assert "fxcompress finetune" in capsys.readouterr().err
     assert list(track([1, 2], desc="finetune", enabled=False)) == [1, 2]
     assert capsys.readouterr().err == ""
+
+
+def test_cli_accepts_exported_program_and_says_it_is_not_rewritten(tmp_path, caplog) -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    x = torch.randn(1, 3, 8, 8)
+    torch.export.save(torch.export.export(model, (x,)), str(tmp_path / "m.pt2"))
+    out = tmp_path / "out.pt2"
+    argv = ["optimize", str(tmp_path / "m.pt2"), "--budget", "1.0", "--input-shape", "1,3,8,8"]
+    assert cli.main([*argv, "--latency", "flops", "--quiet", "--out", str(out)]) == 0
+    assert "not recognised for rewriting" in caplog.text
+    # what was written computes what the exported program computes
+    torch.testing.assert_close(load(out)(x), model(x))
