@@ -348,3 +348,21 @@ def test_cli_accepts_exported_program_and_says_it_is_not_rewritten(tmp_path, cap
     assert "not recognised for rewriting" in caplog.text
     # what was written computes what the exported program computes
     torch.testing.assert_close(load(out)(x), model(x))
+
+
+def test_cli_latency_builds_then_shows_a_json_table(tmp_path, monkeypatch, capsys) -> None:
+    (tmp_path / "tinynet.py").write_text(TINYNET)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cache = tmp_path / "cache"
+    argv = ["latency", "tinynet:build", "--input-shape", "1,3,8,8", "--cache-dir", str(cache)]
+    assert cli.main(argv) == 0
+    (path,) = cache.glob("*.json")
+    entries = json.loads(path.read_text())["entries"]
+    assert entries
+    assert f"entries: {len(entries)}" in capsys.readouterr().out
+    # inspecting reads the same table back and lists its entries, slowest first
+    assert cli.main(["latency", "--cache-dir", str(cache), "--show"]) == 0
+    shown = capsys.readouterr().out.splitlines()[1:]
+    ms = [float(line.split()[0]) for line in shown]
+    assert len(ms) == min(len(entries), 50)
+    assert ms == sorted(ms, reverse=True)
