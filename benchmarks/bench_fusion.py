@@ -62,7 +62,7 @@ def trained_lm(corpus: tiny_lm.Corpus, steps: int) -> tiny_lm.TinyLM:
     return model.eval()
 
 
-def bench_lm(args: argparse.Namespace) -> list[dict]:
+def bench_lm(args: argparse.Namespace, rows: list[dict], save) -> list[dict]:
     corpus = tiny_lm.load_corpus()
     print(corpus.description, flush=True)
     base = trained_lm(corpus, args.base_steps)
@@ -70,7 +70,6 @@ def bench_lm(args: argparse.Namespace) -> list[dict]:
     ppl_kw = {"max_tokens": args.ppl_tokens, "context": ctx}
     calib = [corpus.val[i * 4096 : i * 4096 + 8 * ctx].view(8, ctx) for i in range(2)]
     example = corpus.train[:ctx].view(1, ctx)
-    rows: list[dict] = []
     base_ppl = tiny_lm.perplexity(base, corpus.val, **ppl_kw)
     n0 = unique_params(base)
     rows.append(
@@ -152,6 +151,7 @@ def bench_lm(args: argparse.Namespace) -> list[dict]:
             "seconds": time.perf_counter() - t,
         }
         rows.append(row)
+        save()
         print(
             f"{row['mode']} {budget}: params {rep.params_after:,} ({rep.ratio:.3f}), "
             f"ppl fused {before:.3f} -> retrained {after:.3f}",
@@ -325,34 +325,42 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny smoke run (results not written)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--base-steps", type=int, default=1000)
-    p.add_argument("--retrain-steps", type=int, default=200)
+    p.add_argument("--base-steps", type=int, default=500)
+    p.add_argument("--retrain-steps", type=int, default=100)
     p.add_argument("--retrain-lr", type=float, default=1e-3)
     p.add_argument("--iterative-steps", type=int, default=2)
     p.add_argument("--ppl-tokens", type=int, default=65_536)
-    p.add_argument("--lm-budgets", type=float, nargs="+", default=[0.8, 0.6, 0.35])
+    p.add_argument("--lm-budgets", type=float, nargs="+", default=[0.8, 0.55, 0.35])
     p.add_argument("--digits-epochs", type=int, default=30)
     p.add_argument("--finetune-epochs", type=int, default=4)
     p.add_argument("--digits-budgets", type=float, nargs="+", default=[0.9, 0.8, 0.7])
     p.add_argument("--skip-lm", action="store_true")
+    p.add_argument("--skip-digits", action="store_true")
     args = p.parse_args()
     if args.quick:
         args.base_steps, args.retrain_steps, args.ppl_tokens = 20, 4, 4096
         args.lm_budgets, args.digits_budgets, args.finetune_epochs = [0.6], [0.8], 1
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    dg = bench_digits(args)
-    lm = [] if args.skip_lm else bench_lm(args)
+    dg = [] if args.skip_digits else bench_digits(args)
+    lm: list[dict] = []
+    description = tiny_lm.load_corpus().description
+
+    def save() -> None:  # after every row, so a long run leaves its partial results
+        text = render(lm, dg, args, description)
+        if args.quick:
+            return
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "fusion.md").write_text(text)
+        (RESULTS / "fusion.json").write_text(json.dumps({"lm": lm, "digits": dg}, indent=2))
+        if len(lm) > 2 and dg:
+            plot(lm, dg, RESULTS / "fusion.png")
+
+    if not args.skip_lm:
+        bench_lm(args, lm, save)
+    save()
     print(f"total {time.perf_counter() - start:.0f} s")
-    text = render(lm, dg, args, tiny_lm.load_corpus().description)
-    print(text)
-    if args.quick:
-        return
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "fusion.md").write_text(text)
-    (RESULTS / "fusion.json").write_text(json.dumps({"lm": lm, "digits": dg}, indent=2))
-    if lm:
-        plot(lm, dg, RESULTS / "fusion.png")
+    print(render(lm, dg, args, description))
 
 
 if __name__ == "__main__":
