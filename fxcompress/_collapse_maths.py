@@ -38,6 +38,7 @@ __all__ = [
     "is_pointwise",
     "layer_cost",
     "merged_cost",
+    "spectral_norm",
     "tail_norms",
 ]
 
@@ -253,5 +254,21 @@ def tail_norms(layers: Sequence[Layer]) -> list[float]:
     for layer in reversed(layers[1:]):
         m = matrix(layer)
         tail = m if tail is None else tail @ m
-        out.append(float(torch.linalg.matrix_norm(tail, ord=2)))
+        out.append(spectral_norm(tail))
     return out[::-1]
+
+
+def spectral_norm(m: Tensor) -> float:
+    """``||m||_2``: the square root of the largest eigenvalue of the smaller Gram matrix.
+
+    A symmetric eigensolver on ``m m^T`` (or ``m^T m``) is several times cheaper than the SVD
+    behind ``matrix_norm(ord=2)`` for the wide matrices of transformer MLPs (768 x 3072).
+
+    Examples
+    --------
+    >>> spectral_norm(torch.tensor([[3.0, 0.0, 0.0], [0.0, 4.0, 0.0]]))
+    4.0
+    """
+    m = m.detach().to(torch.float64)
+    gram = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
+    return math.sqrt(max(float(torch.linalg.eigvalsh(gram)[-1]), 0.0))

@@ -647,8 +647,9 @@ def _collapse_chain(gm: fx.GraphModule, chain: _Chain) -> list[SiteDecision]:
         for j in range(i + 1, len(layers))
     }
     runs = best_partition(costs, merged)
-    norms = tail_norms(layers)
     slopes_ = [_slope(gm, s.act) for s in chain.sites]
+    exact = all(a == 1.0 for a in slopes_)
+    norms = [0.0] * len(chain.sites) if exact else tail_norms(layers)
     consts = [
         deviation_constant(gm.get_submodule(str(s.act.target)).activation,
                            gm.get_submodule(str(s.act.target)).kwargs)

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from fxcompress import InvalidArgument, collapse
-from fxcompress._collapse_maths import Blend, Cost, best_partition
+from fxcompress._collapse_maths import Blend, Cost, best_partition, spectral_norm
 from fxcompress.testing import assert_equivalent, linear_chains
 
 BNS = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -318,6 +318,12 @@ def test_reported_bound_holds(data) -> None:
         change = (out(x) - y).norm(dim=-1)
     allowed = sum(bounds[n] * seen[n].norm(dim=-1) for n in bounds)
     assert bool((change <= allowed * (1 + 1e-9) + 1e-12).all())
+
+
+@given(st.integers(1, 9), st.integers(1, 9), st.integers(0, 2**16))
+def test_spectral_norm_matches_the_svd(rows, cols, seed) -> None:
+    m = torch.randn(rows, cols, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    assert spectral_norm(m) == pytest.approx(float(torch.linalg.svdvals(m)[0]), rel=1e-10)
 
 
 # --------------------------------------------------------------------------- regulariser
