@@ -263,6 +263,9 @@ def render(lm: list[dict], dg: list[dict], args: argparse.Namespace, corpus: str
         f"control) is then retrained {args.retrain_steps} steps (AdamW, lr {args.retrain_lr}).",
         "Perplexity is per byte on the first "
         f"{args.ppl_tokens:,} validation bytes. Similarity: linear CKA on 16 validation windows.",
+        "`ppl fused` is before any retraining (for the iterative row: the one-shot fusion at the",
+        f"same budget); the iterative row retrains {args.retrain_steps} steps in total, split over",
+        f"{args.iterative_steps} fuse-then-retrain steps. `blocks run` counts transformer blocks.",
         "",
         "| mode | budget | unique params | ratio | blocks run | ppl fused | ppl retrained |",
         "|---|---|---|---|---|---|---|",

@@ -221,11 +221,19 @@ def test_vit_blocks_pair_attention_and_mlp_regions():
     from torchvision.models.vision_transformer import VisionTransformer
 
     vit = VisionTransformer(16, 8, 3, 2, 16, 32, num_classes=4)
+    nn.init.normal_(vit.heads.head.weight)  # torchvision zero-initialises the head
     found = find_blocks(capture(vit, torch.randn(1, 3, 16, 16)))
     names = [f"encoder.layers.encoder_layer_{i}" for i in range(3)]
     assert [b.name for b in found.blocks] == names
     assert len({b.signature for b in found.blocks}) == 1
     assert all(b.slots[-1].endswith("mlp.3") for b in found.blocks)  # both halves in each
+    total = sum(p.numel() for p in vit.parameters())
+    per_block = found.blocks[0].params
+    fused = fuse(vit, (total - 2 * per_block) / total, example_inputs=torch.randn(1, 3, 16, 16))
+    assert sum(p.numel() for p in fused.parameters()) == total - 2 * per_block
+    x = torch.randn(2, 3, 16, 16)
+    assert fused(x).abs().max() > 0
+    assert_equivalent(torch.export.export(fused, (x,)).module(), fused, x)
 
 
 # --------------------------------------------------------------------------- alignment
