@@ -133,73 +133,20 @@ def test_cli_bad_input_subprocess_one_line_nonzero() -> None:
     ]
 
 
+def _opt(model: str, *extra: str, budget: str = "0.5", shape: str = "1,3,8,8") -> tuple:
+    return ("optimize", model, "--budget", budget, "--input-shape", shape, *extra)
+
+
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
-        (
-            (
-                "optimize",
-                "torchvision:resnet18",
-                "--budget",
-                "1.5",
-                "--input-shape",
-                "1,3,32,32",
-                "--latency",
-                "flops",
-            ),
-            "budget=1.5",
-        ),
-        (
-            ("optimize", "torchvision:resnet18", "--budget", "0.5", "--input-shape", "a,b"),
-            "--input-shape",
-        ),
-        (
-            ("optimize", "tinynet:nothing", "--budget", "0.5", "--input-shape", "1,3,8,8"),
-            "tinynet:nothing",
-        ),
-        (
-            (
-                "optimize",
-                "tinynet:build",
-                "--budget",
-                "0.5",
-                "--input-shape",
-                "1,3,8,8",
-                "--data",
-                "tinynet:not_data",
-            ),
-            "iterable of batches",
-        ),
-        (
-            (
-                "optimize",
-                "tinynet:build",
-                "--budget",
-                "0.5",
-                "--input-shape",
-                "1,3,8,8",
-                "--data",
-                "missing.pt",
-            ),
-            "no such file: missing.pt",
-        ),
-        (
-            (
-                "optimize",
-                "tinynet:build",
-                "--budget",
-                "0.5",
-                "--input-shape",
-                "1,3,8,8",
-                "--plot",
-                "r.svg",
-            ),
-            "'.png'",
-        ),
-        (
-            ("optimize", "model.onnx", "--budget", "0.5", "--input-shape", "1,3,8,8"),
-            "torchvision:NAME",
-        ),
+        (_opt("torchvision:resnet18", "--latency", "flops", budget="1.5"), "budget=1.5"),
+        (_opt("torchvision:resnet18", shape="a,b"), "--input-shape"),
+        (_opt("tinynet:nothing"), "tinynet:nothing"),
+        (_opt("tinynet:build", "--data", "tinynet:not_data"), "iterable of batches"),
+        (_opt("tinynet:build", "--data", "missing.pt"), "no such file: missing.pt"),
+        (_opt("tinynet:build", "--plot", "r.svg"), "'.png'"),
+        (_opt("model.onnx"), "torchvision:NAME"),
         (("report", "/nonexistent.json"), "no such file"),
         (("report", "notareport.json"), "not a report"),
     ],

@@ -15,7 +15,7 @@ import torchvision
 from torch import fx, nn
 
 import fxcompress
-from fxcompress.testing import assert_equivalent
+from fxcompress.testing import _randomise_bn, assert_equivalent
 
 onnxruntime = pytest.importorskip("onnxruntime")  # the `export` extra; installed in CI
 
@@ -64,14 +64,10 @@ class TinyNet(nn.Module):
 
 
 def _randomised(model: nn.Module) -> nn.Module:
-    """Non-trivial BN statistics, so a wrong fold would show."""
-    g = torch.Generator().manual_seed(3)
+    """Non-trivial BN statistics, so a wrong fold would show (under the caller's RNG state)."""
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            _randomise_bn(m)
     return model.eval()
 
 
