@@ -119,6 +119,12 @@ def _data(path: str | None) -> Any:
     raise UsageError("--data must be a .pt file holding a tensor or an (inputs, targets) pair")
 
 
+def _to(batch: Any, device: str) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    return tuple(_to(t, device) for t in batch)
+
+
 def _check_plot_path(path: str) -> None:
     """Fail before the work starts if ``--plot`` cannot be written."""
     if not path.lower().endswith(".png"):
@@ -152,6 +158,10 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     model = _load_model(args.model, args.allow_pickle)
     x = torch.randn(*_shape(args.input_shape))
     data = _data(args.data)
+    if args.device is not None:  # loaded here, so moving them touches nothing of the caller's
+        model, x = model.to(args.device), x.to(args.device)
+        if isinstance(data, list):
+            data = [_to(batch, args.device) for batch in data]
     result = fxcompress.optimize(
         model,
         args.budget,
@@ -160,7 +170,7 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         latency=args.latency,
         device=args.device,
         cache_dir=args.cache_dir,
-        progress=not args.quiet,
+        progress=False if args.quiet else None,  # None: bars only on a terminal
     )
     report = result.meta["fxcompress"]
     print(report.to_markdown())
@@ -176,6 +186,8 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from fxcompress.report import Report
 
+    if args.plot is not None:
+        _check_plot_path(args.plot)
     path = Path(args.report)
     if not path.exists():
         raise UsageError(f"no such file: {path}")
@@ -229,12 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
         "package.module:factory returning an iterable of batches",
     )
     o.add_argument("--latency", default="measure", choices=["measure", "flops"])
-    o.add_argument("--device", default=None)
+    o.add_argument("--device", default=None, help="e.g. cpu, cuda:0 (default: cpu)")
     o.add_argument("--cache-dir", default=None, help="latency cache directory")
     o.add_argument("--out", default=None, help="write the result as a .pt2 program")
     o.add_argument("--plot", default=None, help="also write the report's plots to this .png")
     o.add_argument("--allow-pickle", action="store_true", help="allow loading pickled .pt models")
-    o.add_argument("--quiet", action="store_true", help="no progress bars")
+    o.add_argument("--quiet", action="store_true", help="no progress bars (default: on a terminal)")
     o.set_defaults(func=_cmd_optimize)
 
     r = sub.add_parser("report", help="render a saved JSON report as Markdown")

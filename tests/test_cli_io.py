@@ -313,3 +313,16 @@ def test_cli_latency_builds_then_shows_a_json_table(tmp_path, monkeypatch, capsy
     ms = [float(line.split()[0]) for line in shown]
     assert len(ms) == min(len(entries), 50)
     assert ms == sorted(ms, reverse=True)
+
+
+def test_cli_pt_data_with_targets_and_device(tmp_path, monkeypatch, capsys) -> None:
+    (tmp_path / "tinynet.py").write_text(TINYNET)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    torch.save((torch.randn(8, 3, 8, 8), torch.randint(0, 8, (8,))), tmp_path / "calib.pt")
+    out = tmp_path / "m.pt2"
+    argv = [*_opt("tinynet:build", "--data", str(tmp_path / "calib.pt"), budget="0.7")]
+    argv += ["--device", "cpu", "--latency", "flops", "--out", str(out)]
+    assert cli.main(argv) == 0
+    report = json.loads(out.with_suffix(".report.json").read_text())
+    assert report["predicted_ms"] <= 0.7 * report["original_ms"]
+    assert "saved" in capsys.readouterr().out
