@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 
 import numpy as np
+import onnxruntime  # the `export` extra
 import pytest
 import torch
 import torchvision
@@ -16,8 +17,6 @@ from torch import fx, nn
 
 import fxcompress
 from fxcompress.testing import _randomise_bn, assert_equivalent
-
-onnxruntime = pytest.importorskip("onnxruntime")  # the `export` extra; installed in CI
 
 
 class Block(nn.Module):

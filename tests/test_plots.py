@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import sys
 
+import matplotlib.image  # the `plot` extra
 import pytest
 import torch
 from torch import nn
 
 import fxcompress
 from fxcompress.plots import plot_report, report_figure
-
-matplotlib = pytest.importorskip("matplotlib")  # the `plot` extra
 
 
 @pytest.fixture(scope="module")
