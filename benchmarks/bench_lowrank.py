@@ -269,8 +269,8 @@ def render(results: dict) -> str:
         for r in lb["rows"]:
             if "error" in r:
                 lines.append(
-                    f"| {r['case']} | {r['fraction']} | infeasible: "
-                    f"{r['error'].split(',')[1].strip()} | | | | |"
+                    f"| {r['case']} | {r['fraction']} | infeasible (least reachable "
+                    f"{r['error'].split(',')[1].split()[0]}) | | | | |"
                 )
                 continue
             acc = "" if r["acc"] is None else f"{r['acc']:.4f}"
@@ -342,10 +342,10 @@ def plot(results: dict, path: Path) -> None:
     ax = axes[1]
     markers = {"resnet18": "o", "vgg11": "s", "digits": "^"}
     for method in METHODS:
-        pts = [(r["params_kept"], r["lat_b1"], r["model"]) for r in tv if r["method"] == method]
+        pts = [(r["macs_kept"], r["lat_b1"], r["model"]) for r in tv if r["method"] == method]
         if d:
             pts += [
-                (r["params_kept"], r["lat_b1"], "digits")
+                (r["macs_kept"], r["lat_b1"], "digits")
                 for r in d["rows"]
                 if r["method"] == method and "acc" in r
             ]
@@ -355,10 +355,11 @@ def plot(results: dict, path: Path) -> None:
         ax.scatter([], [], color=colours[method], label=method)
     for model, m in markers.items():
         ax.scatter([], [], color="grey", marker=m, label=model)
-    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
-    ax.set_xlabel("fraction of parameters kept")
+    ax.plot([0.15, 1], [0.15, 1], "k:", lw=0.8, label="latency ∝ MACs")
+    ax.set_yscale("log")
+    ax.set_xlabel("fraction of MACs kept")
     ax.set_ylabel("measured latency ratio (batch 1, CPU)")
-    ax.set_title("latency vs size")
+    ax.set_title("measured latency vs MACs")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -373,6 +374,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["resnet18", "vgg11"])
     parser.add_argument("--epochs", type=int, default=4, help="retraining epochs")
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--render-only", action="store_true", help="redraw md + png from json")
     args = parser.parse_args()
     torch.set_num_threads(1)
     table = LatencyTable(mode="measure", threads=1, repeats=15, warmup=3)
@@ -381,6 +383,8 @@ def main() -> None:
     json_path = out / "lowrank.json"
     # parts run separately accumulate in one file
     results: dict = json.loads(json_path.read_text()) if json_path.exists() else {}
+    if args.render_only:
+        args.parts = []
     if "digits" in args.parts:
         results["digits"] = run_digits(args.fractions, args.epochs, table)
         json_path.write_text(json.dumps(results, indent=1))
