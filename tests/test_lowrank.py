@@ -14,16 +14,23 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import fx, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from fxcompress.capture import capture
 from fxcompress.errors import InfeasibleBudget, InvalidArgument
-from fxcompress.lowrank import ErrorCache, GroupedLinear, decompose, max_rank, paying_rank
+from fxcompress.lowrank import (
+    METHODS,
+    ErrorCache,
+    GroupedLinear,
+    decompose,
+    max_rank,
+    paying_rank,
+)
 from fxcompress.lowrank.rewrite import apply, find_sites
-from fxcompress.testing import assert_equivalent
+from fxcompress.testing import assert_equivalent, models
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
@@ -396,3 +403,26 @@ def test_measured_latency_budget_uses_the_table():
     for d in report.layers:
         assert d.ms_before is not None
         assert d.ms_after is not None
+
+
+@settings(max_examples=40)  # each example captures and rewrites a whole model
+@given(models(dtype=torch.float64), st.sampled_from([0.3, 0.6, 0.95]), st.sampled_from(METHODS))
+def test_random_models_keep_the_budget_and_match_the_factorised_reference(case, fraction, method):
+    """decompose checks the result against the factorised reference itself (RewriteError)."""
+    model, x = case
+    try:
+        gm = decompose(model, fraction, x, method=method)
+    except InfeasibleBudget as exc:
+        minimum = exc.minimum
+        gm = None
+    if gm is None:
+        assert minimum > fraction
+        return
+    report = gm.meta["fxcompress.lowrank"]
+    assert sum(p.numel() for p in gm.parameters()) == report.params_after
+    assert report.params_after <= fraction * sum(p.numel() for p in model.parameters())
+    with torch.no_grad():
+        assert gm(x).shape == model(x).shape
+    decomposed = {d.name for d in report.layers if d.decomposed}
+    if not decomposed:
+        assert_equivalent(gm, model, x)

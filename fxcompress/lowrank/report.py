@@ -55,8 +55,10 @@ class LowRankReport:
     before, after : float
         The original and predicted totals of ``metric`` (the whole model).
     level : float
-        The allocation's threshold: for ALDS the maximum relative error allowed (``0`` when
-        everything stays dense).
+        The allocation's threshold (``0`` when everything stays dense): for ``"alds"`` the
+        largest relative spectral error allowed, for ``"uniform"`` the least fraction of each
+        layer's rank kept, for ``"energy"`` the largest share of squared singular values
+        discarded.
     max_error : float
         The largest relative spectral error over the decomposed layers.
     skipped : tuple of (name, reason)
