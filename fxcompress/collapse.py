@@ -709,6 +709,9 @@ def _check(prepared: fx.GraphModule, result: fx.GraphModule, names: set[str]) ->
         logger.info("no example inputs stored on the prepared module; equivalence not checked")
         return
     ref = _linearised_reference(prepared, names)
+    device = next((p.device for p in prepared.parameters()), None)
+    if device is not None:  # the model may have moved since prepare (e.g. trained on a GPU)
+        inputs = tuple(t.to(device) if isinstance(t, Tensor) else t for t in inputs)
     with torch.no_grad():
         expected = ref(*clone_tensors(inputs))
         got = result(*clone_tensors(inputs))
