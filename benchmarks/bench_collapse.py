@@ -38,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import tiny_lm
 
-from fxcompress import collapse
+from fxcompress import capture, collapse
+from fxcompress.report import count_macs
 
 OUT = Path(__file__).parent / "results"
 
@@ -47,24 +48,28 @@ def count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def latency_ratio(a: nn.Module, b: nn.Module, x: torch.Tensor, rounds: int = 9) -> float:
-    """Median over rounds of median(b) / median(a), run alternately after a warm-up."""
-    ratios = []
+def latency_ratio(a: nn.Module, b: nn.Module, x: torch.Tensor, calls: int = 300) -> float:
+    """median(time of b) / median(time of a), the two called alternately after a warm-up.
+
+    Alternating call by call keeps bursts of load on this shared machine from landing on one
+    model only.
+    """
+    times: dict[int, list[float]] = {0: [], 1: []}
     with torch.inference_mode():
         for m in (a, b):
-            for _ in range(3):
+            for _ in range(5):
                 m(x)
-        for _ in range(rounds):
-            times = {}
-            for key, m in (("a", a), ("b", b)):
-                ts = []
-                for _ in range(20):
-                    t = time.perf_counter()
-                    m(x)
-                    ts.append(time.perf_counter() - t)
-                times[key] = statistics.median(ts)
-            ratios.append(times["b"] / times["a"])
-    return statistics.median(ratios)
+        for _ in range(calls):
+            for key, m in ((0, a), (1, b)):
+                t = time.perf_counter()
+                m(x)
+                times[key].append(time.perf_counter() - t)
+    return statistics.median(times[1]) / statistics.median(times[0])
+
+
+def macs_ratio(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
+    """Multiply-accumulates of the conv/linear layers of ``b`` over those of ``a``."""
+    return count_macs(capture(b, x)) / count_macs(capture(a, x))
 
 
 # --------------------------------------------------------------------------- tiny LM
@@ -139,6 +144,7 @@ def run_lm(args: argparse.Namespace) -> dict:
             "bounds": {d.name: d.bound for d in report.sites},
             "output_change": report.output_error,
             "latency": latency_ratio(base.eval(), out, x),
+            "macs": macs_ratio(base, out, x),
             "seconds": time.perf_counter() - t,
         }
         rows.append(row)
@@ -232,6 +238,7 @@ def run_digits(args: argparse.Namespace) -> dict:
             "slopes": collapse.slopes(prepared),
             "actions": {d.name: d.action for d in report.sites},
             "latency": latency_ratio(base.eval(), out, x),
+            "macs": macs_ratio(base, out, x),
         }
         rows.append(row)
         print(json.dumps(row, default=float), flush=True)
@@ -265,7 +272,8 @@ def run_vit(args: argparse.Namespace) -> dict:
         "params_after": count(out),
         "prepare_s": prepare_s,
         "apply_s": apply_s,
-        "latency": latency_ratio(model, out, x, rounds=3),
+        "latency": latency_ratio(model, out, x, calls=20),
+        "macs": macs_ratio(model, out, x),
     }
     print(json.dumps(row), flush=True)
     return row
@@ -298,19 +306,20 @@ def write(results: dict, args: argparse.Namespace) -> None:
         f"{args.strength})` (slopes at lr 0.03, weights at lr 1e-3), `apply(tol={args.tol})`, "
         f"then {args.post_steps} steps of fine-tuning. Perplexity per byte on "
         f"{args.eval_tokens:,} validation bytes; latency = forward time ratio vs base (batch 1, "
-        "64 tokens; median of 9 rounds of 20 alternating calls on a shared, busy 2-core machine: "
-        "expect +-10 % noise on these sub-millisecond models).",
+        "64 tokens; medians of 300 alternating calls on a shared, busy 2-core machine: expect "
+        "+-10 % noise on these sub-millisecond models); MACs = multiply-accumulates of the "
+        "linear layers (incl. the LM head) vs base.",
         "",
         "| model | params | size | ppl, no retraining | ppl before apply | ppl after apply | "
-        "ppl after fine-tune | latency |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "ppl after fine-tune | latency | MACs |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in lm["rows"]:
         lines.append(
             f"| {r['model']} | {r['params']:,} | {r['params'] / n0:.1%} | "
             f"{_fmt(r.get('ppl_no_retraining'), '.3f')} | "
             f"{_fmt(r.get('ppl_prepared'), '.3f')} | {r['ppl']:.3f} | "
-            f"{r['ppl_retrained']:.3f} | {r['latency']:.2f} |"
+            f"{r['ppl_retrained']:.3f} | {r['latency']:.2f} | {r.get('macs', 1.0):.2f} |"
         )
     lines += ["", "Learned slopes (1 = identity), per-site bounds `|1-a|·‖T‖₂` and the largest "
               "relative change of the logits that `apply` measured on 1,024 validation tokens:", ""]
@@ -348,15 +357,15 @@ def write(results: dict, args: argparse.Namespace) -> None:
         "(30 % of the digits, stratified); latency = forward time ratio vs base (batch 1).",
         "",
         "| model | params | size | acc, no retraining | acc before apply | acc after apply | "
-        "acc after fine-tune | latency |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "acc after fine-tune | latency | MACs |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in dg["rows"]:
         lines.append(
             f"| {r['model']} | {r['params']:,} | {r['params'] / d0:.1%} | "
             f"{_fmt(r.get('acc_no_retraining'), '.4f')} | "
             f"{_fmt(r.get('acc_prepared'), '.4f')} | {r['acc']:.4f} | "
-            f"{r['acc_retrained']:.4f} | {r['latency']:.2f} |"
+            f"{r['acc_retrained']:.4f} | {r['latency']:.2f} | {r.get('macs', 1.0):.2f} |"
         )
     vit = results.get("vit")
     if vit is not None:
@@ -368,8 +377,9 @@ def write(results: dict, args: argparse.Namespace) -> None:
             f"{vit['prepare_s']:.0f} s. With every slope at 1, `apply` merges each MLP into one "
             f"768x768 linear layer in {vit['apply_s']:.0f} s (exactness checked, "
             f"`torch.export` passes): {vit['params_before']:,} -> {vit['params_after']:,} "
-            f"parameters ({vit['params_after'] / vit['params_before']:.1%}), forward latency "
-            f"ratio {vit['latency']:.2f} (batch 1, 224x224). Reaching slopes of 1 on a trained "
+            f"parameters ({vit['params_after'] / vit['params_before']:.1%}), MACs ratio "
+            f"{vit.get('macs', float('nan')):.2f}, forward latency ratio {vit['latency']:.2f} "
+            "(batch 1, 224x224, median of 20 alternating calls). Reaching slopes of 1 on a trained "
             "ViT needs the fine-tuning shown above for the LM; no ImageNet weights or data are "
             "available offline here.",
         ]
