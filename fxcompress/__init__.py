@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 
+from . import lowrank
 from .analysis import Analysis, analyze
 from .api import Budget, Plan, make_plan, optimize, relax
 from .canonicalize import canonicalize
@@ -46,6 +47,7 @@ __all__ = [
     "fold_batchnorm",
     "load",
     "load_plan",
+    "lowrank",
     "make_plan",
     "merge",
     "optimize",

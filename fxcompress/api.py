@@ -46,21 +46,32 @@ __all__ = ["Budget", "Plan", "make_plan", "optimize", "relax"]
 logger = logging.getLogger("fxcompress")
 
 METHODS = ("merge", "prune")
+#: every method name ``optimize`` accepts; ``"lowrank"`` runs on its own
+ALL_METHODS = (*METHODS, "lowrank")
 
 
 @dataclass(frozen=True)
 class Budget:
-    """An explicit latency target: exactly one of ``fraction``, ``latency_ms`` or ``speedup``.
+    """An explicit target: exactly one of ``fraction``, ``latency_ms``, ``speedup``, ``params``
+    or ``macs``.
+
+    ``fraction``, ``latency_ms`` and ``speedup`` are latency targets (every method);
+    ``params`` and ``macs`` are fractions of the model's parameters or multiply-accumulates
+    to keep, understood by ``methods=("lowrank",)`` (:func:`fxcompress.lowrank.decompose`).
 
     Examples
     --------
     >>> Budget(speedup=2.0).fraction_of(10.0)
+    0.5
+    >>> Budget(params=0.5).params
     0.5
     """
 
     fraction: float | None = None
     latency_ms: float | None = None
     speedup: float | None = None
+    params: float | None = None
+    macs: float | None = None
 
     def __post_init__(self) -> None:
         given = {
@@ -69,12 +80,15 @@ class Budget:
                 ("fraction", self.fraction),
                 ("latency_ms", self.latency_ms),
                 ("speedup", self.speedup),
+                ("params", self.params),
+                ("macs", self.macs),
             )
             if v is not None
         }
         if len(given) != 1:
             raise InvalidArgument(
-                f"Budget takes exactly one of fraction, latency_ms, speedup; got {given or 'none'}"
+                "Budget takes exactly one of fraction, latency_ms, speedup, params, macs; got "
+                f"{given or 'none'}"
             )
         ((name, value),) = given.items()
         if (
@@ -86,13 +100,23 @@ class Budget:
                 f"Budget {name} must be a positive finite number, got "
                 f"{name}={value!r} (type={type(value).__name__})"
             )
-        if name == "fraction" and value > 1:
-            raise InvalidArgument(f"Budget fraction must be in (0, 1], got fraction={value!r}")
+        if name in ("fraction", "params", "macs") and value > 1:
+            raise InvalidArgument(f"Budget {name} must be in (0, 1], got {name}={value!r}")
         if name == "speedup" and value < 1:
             raise InvalidArgument(f"Budget speedup must be >= 1, got speedup={value!r}")
 
+    @property
+    def is_latency(self) -> bool:
+        """Whether this is a latency target (not a parameter or MAC budget)."""
+        return self.params is None and self.macs is None
+
     def fraction_of(self, original_ms: float) -> float:
         """The budget as a fraction of ``original_ms``."""
+        if not self.is_latency:
+            raise InvalidArgument(
+                f"{self!r} is not a latency target; parameter and MAC budgets work with "
+                "methods=('lowrank',) only"
+            )
         if self.fraction is not None:
             return float(self.fraction)
         if self.speedup is not None:
@@ -197,15 +221,28 @@ def _inputs_for(example_inputs: Any, data: Iterable[Any] | None) -> tuple[Any, .
     raise InvalidArgument("data is empty and example_inputs is not given: nothing to trace with")
 
 
-def _check_methods(methods: Sequence[str]) -> tuple[str, ...]:
+def _check_methods(methods: Sequence[str], budget: Budget | None = None) -> tuple[str, ...]:
     if isinstance(methods, str):
         methods = (methods,)
-    bad = [m for m in methods if m not in METHODS]
+    methods = tuple(methods)
+    bad = [m for m in methods if m not in ALL_METHODS]
     if bad or not methods:
         raise InvalidArgument(
-            f"methods must be a non-empty subset of {METHODS}, got methods={tuple(methods)!r}"
+            f"methods must be a non-empty subset of {METHODS}, or ('lowrank',), got "
+            f"methods={methods!r}"
         )
-    return tuple(methods)
+    if "lowrank" in methods and len(set(methods)) > 1:
+        raise InvalidArgument(
+            f"methods={methods!r}: 'lowrank' runs on its own; to combine it with depth "
+            "compression, optimize with ('merge', 'prune') first and then with ('lowrank',)"
+        )
+    if budget is not None and not budget.is_latency and methods != ("lowrank",):
+        raise InvalidArgument(
+            f"budget {budget!r} bounds parameters or MACs, which only methods=('lowrank',) "
+            "plans for; depth compression takes a latency budget (a float, or Budget(fraction=, "
+            "latency_ms=, speedup=))"
+        )
+    return methods
 
 
 def _latency_table(
@@ -293,7 +330,12 @@ def make_plan(
         reachable fraction of the original latency.
     """
     b = _check_budget(budget)
-    methods = _check_methods(methods)
+    methods = _check_methods(methods, b)
+    if "lowrank" in methods:
+        raise InvalidArgument(
+            "make_plan plans depth compression; for methods=('lowrank',) call optimize or "
+            "fxcompress.lowrank.decompose"
+        )
     inputs = _inputs_for(example_inputs, data)
     timings = _timings if _timings is not None else {}
     t0 = time.perf_counter()
@@ -323,7 +365,7 @@ def make_plan(
         base_a = baseline_latency(analysis, analytic, dtype)
         fixed = exact * rest_a / max(rest_a + base_a, 1e-12)
         scale = (exact - fixed) / baseline if baseline > 0 else 1.0
-        timings["table_scale"] = scale
+        logger.info("latency table calibrated to the whole network: scale %.3f", scale)
         measured_table = table
 
         def table(op: OpSpec) -> float:  # type: ignore[no-redef]
@@ -561,8 +603,11 @@ def optimize(
         Measured latency table on ``device`` (cached in ``cache_dir``) or an analytic model.
     device : str, optional
         Device to measure latency on (default: the model's).
-    methods : sequence of {"merge", "prune"}
+    methods : sequence of {"merge", "prune"}, or ("lowrank",)
         ``"merge"``: remove activations and merge; ``"prune"``: also drop reducible convs.
+        ``("lowrank",)`` instead decomposes conv and linear layers into low-rank pairs
+        (:func:`fxcompress.lowrank.decompose`, ALDS allocation) under the budget, which may
+        then also be ``Budget(params=...)`` or ``Budget(macs=...)``.
     check : bool
         Compare every exact step numerically against its reference and raise
         :class:`RewriteError` if it differs.
@@ -624,9 +669,20 @@ def optimize(
             f"model must be a torch.nn.Module, got model={model!r:.80} "
             f"(type={type(model).__name__})"
         )
-    methods = _check_methods(methods)
+    methods = _check_methods(methods, b)
     inputs = _inputs_for(example_inputs, data)
     table = _latency_table(latency, device or _device_of(model), cache_dir, progress)
+    if methods == ("lowrank",):
+        return _optimize_lowrank(
+            model,
+            b,
+            inputs,
+            table=table,
+            finetune=finetune,
+            check=check,
+            progress=progress,
+            leaf_modules=leaf_modules,
+        )
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
@@ -662,6 +718,7 @@ def optimize(
             calibration_batches=calibration_batches,
             executor=executor,
             importance_checkpoint=importance_checkpoint,
+            cache_dir=cache_dir,
             candidate_finetune=candidate_finetune,
             leaf_modules=leaf_modules,
             max_replans=max_replans,
@@ -696,6 +753,49 @@ def optimize(
     report.stage_seconds = timings
     result.meta["fxcompress"] = report
     logger.info("optimize done: %s", report.to_markdown().splitlines()[4:6])
+    return result
+
+
+def _optimize_lowrank(
+    model: nn.Module,
+    b: Budget,
+    inputs: tuple[Any, ...],
+    *,
+    table: LatencyTable,
+    finetune: Callable[[fx.GraphModule], None] | None,
+    check: bool,
+    progress: bool | None,
+    leaf_modules: Sequence[str],
+) -> fx.GraphModule:
+    from . import lowrank  # imported late: it builds on this module's neighbours
+
+    t0 = time.perf_counter()
+    target: Any = {"latency": b.fraction} if b.fraction is not None else b
+    result = lowrank.decompose(
+        model,
+        target,
+        inputs,
+        latency=table,
+        finetune=finetune,
+        check=check,
+        progress=progress,
+        leaf_modules=leaf_modules,
+    )
+    decomposition = result.meta["fxcompress.lowrank"]
+    original = canonicalize(capture(model, inputs, leaf_modules=leaf_modules))
+    report = Report(
+        budget=b.fraction if b.fraction is not None else float("nan"),
+        latency_mode=table.mode,
+        params_before=count_params(original),
+        params_after=count_params(result),
+        macs_before=decomposition.to_dict().get("macs_before", count_macs(original)),
+        macs_after=decomposition.to_dict().get("macs_after", count_macs(result)),
+    )
+    report.events = [{"kind": "lowrank", **decomposition.to_dict()}]
+    report.stage_seconds = {"lowrank": time.perf_counter() - t0}
+    if table.mode == "measure":
+        report.original_ms, report.final_ms = _paired_latency(table, original, result, inputs)
+    result.meta["fxcompress"] = report
     return result
 
 
@@ -801,10 +901,10 @@ def _optimize_below_one(
         plan, relaxed, result, ratio = min(tried, key=lambda t: t[3] or 0.0)
         result.meta["fxcompress"] = report
         raise InfeasibleBudget(
-            f"budget {goal_ratio:.3g} was planned for, but the fastest of {len(tried)} measured "
-            f"plans runs at {ratio:.3g} of the original latency on {table.device} (the latency "
-            "table's predictions miss this network); ask for a budget of at least "
-            f"{ratio:.3g}, or take the fastest model from this exception's .result",
+            f"budget {goal_ratio:.3g} is missed on measurement: none of the {len(tried)} plans "
+            f"measured on {table.device} (max_replans={max_replans}) runs within 5 % of it, the "
+            f"fastest at {ratio:.3g} of the original latency; allow more re-plans, ask for a "
+            f"budget of at least {ratio:.3g}, or take that model from this exception's .result",
             minimum=ratio,
             result=result,
         )

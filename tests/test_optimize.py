@@ -253,6 +253,8 @@ def test_cache_dir_keeps_scores_for_the_next_run(tmp_path, monkeypatch) -> None:
 
     monkeypatch.setattr(imp._Scorer, "damage", boom)
     assert fxcompress.make_plan(net, 0.6, **kw).to_json() == first.to_json()
+    # optimize finds the same scores through its cache_dir
+    fxcompress.optimize(net, 0.6, **kw)
     # a plain-function loss is not cached implicitly (its name does not pin what it computes)
     monkeypatch.undo()
     data = [(X, torch.zeros(X.shape[0], 5))]
@@ -335,7 +337,7 @@ def test_closed_loop_raises_with_the_fastest_model_when_measurements_never_fit(
 ) -> None:
     table = fxcompress.LatencyTable(mode="measure", repeats=2, warmup=0, cache_dir=tmp_path)
     seen = _fake_timing(monkeypatch, lambda a, b: 0.99)
-    with pytest.raises(fxcompress.InfeasibleBudget, match="fastest of") as info:
+    with pytest.raises(fxcompress.InfeasibleBudget, match="missed on measurement") as info:
         fxcompress.optimize(_net(), 0.8, example_inputs=X, latency=table, max_replans=2)
     assert info.value.minimum == pytest.approx(0.99)
     assert isinstance(info.value.result, fx.GraphModule)
@@ -359,3 +361,35 @@ def test_closed_loop_replans_until_the_measurement_fits(tmp_path, monkeypatch) -
     assert report.ratio == pytest.approx(macs_ratio(fxcompress.capture(_net(), X), out))
     assert report.replans
     assert len(report.replans) == len(seen) - 2  # one baseline pair, then one per attempt
+
+
+def test_optimize_lowrank_method_meets_a_parameter_budget() -> None:
+    net = _net()
+    out = fxcompress.optimize(
+        net,
+        fxcompress.Budget(params=0.6),
+        example_inputs=X,
+        methods=("lowrank",),
+        latency="flops",
+        progress=False,
+    )
+    report = out.meta["fxcompress"]
+    params = sum(p.numel() for p in net.parameters())
+    assert report.params_before == params
+    assert report.params_after == sum(p.numel() for p in out.parameters())
+    assert report.params_after <= 0.6 * params
+    assert report.events[0]["kind"] == "lowrank"
+    assert out(X).shape == net(X).shape
+
+
+@pytest.mark.parametrize(
+    ("methods", "budget", "match"),
+    [
+        (("lowrank", "merge"), 0.5, "runs on its own"),
+        (("merge",), fxcompress.Budget(params=0.5), "only methods=\\('lowrank',\\)"),
+        (("prune", "merge"), fxcompress.Budget(macs=0.5), "depth compression takes a latency"),
+    ],
+)
+def test_methods_and_budget_kinds_that_do_not_fit_are_named(methods, budget, match) -> None:
+    with pytest.raises(fxcompress.InvalidArgument, match=match):
+        fxcompress.optimize(_net(), budget, example_inputs=X, methods=methods, latency="flops")
