@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 
-from . import lowrank
+from . import fusion, lowrank
 from .analysis import Analysis, analyze
 from .api import Budget, Plan, make_plan, optimize, relax
 from .canonicalize import canonicalize
@@ -45,6 +45,7 @@ __all__ = [
     "canonicalize",
     "capture",
     "fold_batchnorm",
+    "fusion",
     "load",
     "load_plan",
     "lowrank",
