@@ -454,3 +454,32 @@ def test_batchnorm_after_the_activation_is_folded(seed, act) -> None:
     ref = copy.deepcopy(model)
     ref[1] = nn.Identity()
     assert_equivalent(out, ref, x, rtol=1e-9)
+
+
+def test_training_with_the_penalty_collapses_a_head_that_can_be_linear() -> None:
+    gen = torch.Generator().manual_seed(0)
+    target = torch.randn(3, 6, generator=gen)
+    x = torch.randn(256, 6, generator=gen)
+    y = x @ target.T
+    model = nn.Sequential(nn.Linear(6, 48), nn.ReLU(), nn.Linear(48, 48), nn.GELU(),
+                          nn.Linear(48, 3))
+    prepared = collapse.prepare(model, x[:2])
+    slopes = collapse.slope_parameters(prepared)
+    rest = [p for p in prepared.parameters() if all(p is not s for s in slopes)]
+    opt = torch.optim.Adam([{"params": rest, "lr": 3e-3}, {"params": slopes, "lr": 3e-2}])
+    for _ in range(300):
+        loss = F.mse_loss(prepared(x), y) + collapse.regularizer(prepared, 1.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert all(abs(1 - a) <= 0.05 for a in collapse.slopes(prepared).values())
+    out = collapse.apply(prepared, tol=0.05, data=[x])
+    report = out.meta["fxcompress.collapse"]
+    assert [d.action for d in report.sites] == ["merged", "merged"]
+    assert [type(m) for m in out.children()] == [nn.Linear]
+    assert report.params_after == 6 * 3 + 3
+    with torch.no_grad():
+        assert F.mse_loss(out(x), y).item() < 0.05 * y.var().item()
+        assert report.output_error == pytest.approx(
+            ((out(x) - prepared.eval()(x)).abs().max() / prepared(x).abs().max()).item(), rel=1e-4
+        )
