@@ -173,7 +173,13 @@ def test_kept_blends_stay_exact() -> None:
     x = torch.randn(5, 4)
     prepared = collapse.prepare(model, x)
     set_slopes(prepared, {"0_act": 0.4, "2_act": 0.7})
+    prepared.train()
+    before = copy.deepcopy(prepared.state_dict())
     out = collapse.apply(prepared, tol=0.05)
+    assert prepared.training  # apply works on a copy
+    assert not out.training
+    for k, v in prepared.state_dict().items():
+        assert torch.equal(v, before[k])
     assert_equivalent(out, prepared, x)
     ref = copy.deepcopy(model)
     ref[1] = nn.LeakyReLU(0.4)  # a ReLU blend is a leaky ReLU
