@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 
-from . import fusion, lowrank
+from . import collapse, fusion, lowrank
 from .analysis import Analysis, analyze
 from .api import Budget, Plan, make_plan, optimize, relax
 from .canonicalize import canonicalize
@@ -44,6 +44,7 @@ __all__ = [
     "analyze",
     "canonicalize",
     "capture",
+    "collapse",
     "fold_batchnorm",
     "fusion",
     "load",
