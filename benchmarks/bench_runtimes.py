@@ -187,7 +187,11 @@ def main() -> None:
         done = {(r["model"], r["budget"], r["size"]) for r in read_log(log)}
         for name in args.models:
             run_model(name, args.budgets, done, args, log)
-    rows = [r for r in read_log(log) if r["size"] == args.size]
+    order = {m: i for i, m in enumerate(MODELS)}
+    rows = sorted(
+        (r for r in read_log(log) if r["size"] == args.size),
+        key=lambda r: (order.get(r["model"], len(order)), r["model"], -r["budget"]),
+    )
     write_markdown(rows, args)
     write_plot(rows, Path(args.out).with_suffix(".png"))
 
