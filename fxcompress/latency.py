@@ -45,7 +45,6 @@ import math
 import operator
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -60,6 +59,7 @@ from torch import nn
 from tqdm import tqdm
 
 from fxcompress.errors import InvalidArgument
+from fxcompress.timing import QUANTILE, quantile
 
 __all__ = [
     "ACTIVATIONS",
@@ -106,7 +106,7 @@ BYTES_PER_MS: float = 5e6
 OVERHEAD_MS: float = 0.005
 """Analytic model: fixed cost of launching one op, in milliseconds."""
 
-CACHE_FORMAT: int = 1
+CACHE_FORMAT: int = 2  # 2: entries are a low quantile of the runs, not their median
 """Version of the cache file layout; part of the environment, so a new version starts afresh."""
 
 _FLOAT_DTYPES = frozenset({"float16", "bfloat16", "float32", "float64"})
@@ -581,7 +581,9 @@ def _time_forward(
     """Median milliseconds of one ``module(*inputs)`` under :func:`torch.inference_mode`.
 
     After ``warmup`` calls, the fastest of three single calls sets how many calls each timed run
-    loops over (enough to last :data:`_MIN_RUN_MS`); the result is the median over ``repeats``
+    loops over (enough to last :data:`_MIN_RUN_MS`); the result is the :data:`QUANTILE` quantile
+    (not the median: load from other processes only ever slows a run down, so a low quantile
+    stays consistent between entries timed on a quiet and on a busy machine) over ``repeats``
     runs of the run's time divided by its number of calls.
     """
     clock = time.perf_counter
@@ -603,7 +605,7 @@ def _time_forward(
                 module(*inputs)
             sync()
             samples.append((clock() - start) / inner)
-    return max(statistics.median(samples) * 1e3, 1e-9)
+    return max(quantile(samples, QUANTILE) * 1e3, 1e-9)
 
 
 # --------------------------------------------------------------------------------------------
@@ -681,7 +683,7 @@ class LatencyTable:
         read at construction and written after new values (created if missing). Ignored in
         ``"flops"`` mode, whose values cost less to compute than to cache.
     repeats : int
-        Timed runs per op; the median is kept. At least 1.
+        Timed runs per op; a low quantile of them is kept. At least 1.
     warmup : int
         Untimed calls before timing. At least 0.
     progress : bool, optional

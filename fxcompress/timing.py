@@ -20,7 +20,7 @@ from torch import nn
 
 from .errors import InvalidArgument
 
-__all__ = ["PairedTiming", "paired_timing"]
+__all__ = ["QUANTILE", "PairedTiming", "paired_timing", "quantile"]
 
 #: Each timed run loops over enough calls to last at least this long (milliseconds).
 MIN_RUN_MS = 2.0
@@ -53,7 +53,12 @@ class PairedTiming:
         return self.b_ms / self.a_ms
 
 
-def _quantile(values: list[float], q: float) -> float:
+def quantile(values: list[float], q: float) -> float:
+    """The ``q`` quantile of ``values`` (linear interpolation).
+
+    >>> quantile([4.0, 1.0, 3.0, 2.0], 0.5)
+    2.5
+    """
     ordered = sorted(values)
     pos = q * (len(ordered) - 1)
     lo, hi = math.floor(pos), math.ceil(pos)
@@ -133,8 +138,8 @@ def paired_timing(
         if torch.get_num_threads() != previous:
             torch.set_num_threads(previous)
     ratios = [y / x for x, y in zip(ta, tb)]
-    mid = _quantile(ratios, 0.5)
-    spread = (_quantile(ratios, 0.75) - _quantile(ratios, 0.25)) / mid if mid > 0 else math.inf
+    mid = quantile(ratios, 0.5)
+    spread = (quantile(ratios, 0.75) - quantile(ratios, 0.25)) / mid if mid > 0 else math.inf
     return PairedTiming(
-        max(_quantile(ta, QUANTILE), 1e-9), max(_quantile(tb, QUANTILE), 1e-9), spread, pairs
+        max(quantile(ta, QUANTILE), 1e-9), max(quantile(tb, QUANTILE), 1e-9), spread, pairs
     )

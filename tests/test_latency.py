@@ -15,7 +15,7 @@ from torch import nn
 
 from fxcompress import latency
 from fxcompress.errors import InvalidArgument
-from fxcompress.latency import ACTIVATIONS, LatencyTable, OpSpec, analytic_ms
+from fxcompress.latency import ACTIVATIONS, CACHE_FORMAT, LatencyTable, OpSpec, analytic_ms
 
 LOGGER = "fxcompress.latency"
 
@@ -488,7 +488,7 @@ def test_cache_persists_across_instances(tmp_path, timer):
     second = LatencyTable(cache_dir=tmp_path)
     assert second.many([CONV, ACT]) == values
     data = json.loads(first.cache_path.read_text())
-    assert data["format"] == 1
+    assert data["format"] == CACHE_FORMAT
     assert data["env"] == first.env
     assert data["entries"] == {CONV.key(): values[0], ACT.key(): values[1]}
     assert tmp_files(tmp_path) == []
@@ -526,7 +526,7 @@ def test_cache_from_another_environment_is_ignored(tmp_path, timer, caplog, fiel
     table = LatencyTable(cache_dir=tmp_path)
     env = {**table.env, field: value}
     table.cache_path.write_text(
-        json.dumps({"format": 1, "env": env, "entries": {ACT.key(): 123.0}})
+        json.dumps({"format": CACHE_FORMAT, "env": env, "entries": {ACT.key(): 123.0}})
     )
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         fresh = LatencyTable(cache_dir=tmp_path)
@@ -542,12 +542,13 @@ def test_cache_from_another_environment_is_ignored(tmp_path, timer, caplog, fiel
 @pytest.mark.parametrize(
     "content",
     [
-        '{"format": 1, "env": {"device": "cpu"}, "entries": {"a": 1.0',  # truncated
+        # truncated
+        '{"format": ' + str(CACHE_FORMAT) + ', "env": {"device": "cpu"}, "entries": {"a": 1.0',
         "not json at all",
         "",
         "[1, 2, 3]",
         '{"format": 99, "env": {}, "entries": {}}',
-        '{"format": 1, "env": [], "entries": {}}',
+        '{"format": ' + str(CACHE_FORMAT) + ', "env": [], "entries": {}}',
     ],
 )
 def test_corrupted_cache_warns_and_is_rebuilt(tmp_path, timer, caplog, content):
@@ -559,13 +560,15 @@ def test_corrupted_cache_warns_and_is_rebuilt(tmp_path, timer, caplog, content):
     assert len(table.entries) == 0
     assert table(ACT) == 1.0
     data = json.loads(path.read_text())
-    assert data == {"format": 1, "env": table.env, "entries": {ACT.key(): 1.0}}
+    assert data == {"format": CACHE_FORMAT, "env": table.env, "entries": {ACT.key(): 1.0}}
 
 
 def test_invalid_cache_entries_are_dropped(tmp_path, caplog):
     table = LatencyTable(cache_dir=tmp_path)
     entries = {"ok": 2.5, "neg": -1.0, "zero": 0, "str": "fast", "nan": float("nan"), "b": True}
-    table.cache_path.write_text(json.dumps({"format": 1, "env": table.env, "entries": entries}))
+    table.cache_path.write_text(
+        json.dumps({"format": CACHE_FORMAT, "env": table.env, "entries": entries})
+    )
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         fresh = LatencyTable(cache_dir=tmp_path)
     assert "5 invalid entries" in caplog.text
@@ -646,7 +649,7 @@ def test_save_and_load_round_trip(tmp_path, timer):
 def test_load_from_another_environment_warns_and_starts_empty(tmp_path, caplog):
     path = tmp_path / "table.json"
     env = {**LatencyTable(mode="flops").env, "torch": "1.0"}
-    path.write_text(json.dumps({"format": 1, "env": env, "entries": {ACT.key(): 1.0}}))
+    path.write_text(json.dumps({"format": CACHE_FORMAT, "env": env, "entries": {ACT.key(): 1.0}}))
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         loaded = LatencyTable.load(path)
     assert "'1.0'" in caplog.text
