@@ -42,6 +42,7 @@ __all__ = [
     "assert_equivalent",
     "conv_chains",
     "default_rtol",
+    "graphs",
     "linear_chains",
     "models",
 ]
@@ -58,6 +59,20 @@ ACTIVATION_MODULES: tuple[Any, ...] = (
     lambda: nn.LeakyReLU(0.2),
     nn.Tanh,
     nn.Sigmoid,
+)
+
+
+#: Further activations :func:`graphs` draws from besides :data:`ACTIVATION_MODULES`: ones
+#: fxcompress recognises in other spellings, and ``PReLU`` (learnable, not an activation it
+#: merges across, so it must be kept as it is).
+EXTRA_ACTIVATION_MODULES: tuple[Any, ...] = (
+    nn.Hardsigmoid,
+    nn.Mish,
+    lambda: nn.ELU(0.5),
+    lambda: nn.Hardtanh(-2.0, 2.0),
+    lambda: nn.Hardtanh(0.0, 6.0),
+    lambda: nn.LeakyReLU(0.01, inplace=True),
+    nn.PReLU,
 )
 
 
@@ -273,7 +288,7 @@ def conv_chains(
     --------
     >>> import torch
     >>> from hypothesis import given, settings
-    >>> @settings(max_examples=5, database=None)
+    >>> @settings(max_examples=5, database=None, deadline=None)
     ... @given(conv_chains(dtype=torch.float64))
     ... def check(case):
     ...     model, x = case
@@ -426,7 +441,7 @@ def linear_chains(
     --------
     >>> import torch
     >>> from hypothesis import given, settings
-    >>> @settings(max_examples=5, database=None)
+    >>> @settings(max_examples=5, database=None, deadline=None)
     ... @given(linear_chains(batchnorm=False, activations=False))
     ... def check(case):
     ...     model, x = case
@@ -488,8 +503,11 @@ class Step:
     ``op`` is ``"module"`` (call the submodule named ``arg``), ``"conv_fn"`` (``F.conv2d`` on the
     model's parameters ``arg``), ``"add"``, ``"cat"``, ``"relu"`` (``F.relu``), ``"relu_method"``
     (``x.relu()``), ``"scale"`` (``x * arg``), ``"gate"`` (``x * sigmoid(x)``),
-    ``"max_pool"``/``"avg_pool"`` (2x2), ``"global_pool"`` (adaptive average to 1x1) or
-    ``"flatten"``.
+    ``"max_pool"``/``"avg_pool"`` (2x2), ``"global_pool"`` (adaptive average to 1x1),
+    ``"flatten"``, ``"mul"`` (two values), ``"sigmoid"``, ``"reshape"`` (flatten the spatial
+    axes and unflatten them to ``arg``), ``"transpose"`` (swap the spatial axes and back) or
+    ``"mean_pool"`` (``x.mean((2, 3), keepdim=True)``). ``"add"`` is spelled ``a + b`` unless
+    ``arg`` is ``"torch.add"`` or ``"method"`` (``a.add(b)``).
     """
 
     op: str
@@ -553,7 +571,21 @@ class GeneratedModel(nn.Module):
             b = getattr(self, bias) if bias is not None else None
             return F.conv2d(args[0], getattr(self, weight), b, stride=stride, padding=padding)
         if op == "add":
+            if step.arg == "torch.add":
+                return torch.add(args[0], args[1])
+            if step.arg == "method":
+                return args[0].add(args[1])
             return args[0] + args[1]
+        if op == "mul":
+            return args[0] * args[1]
+        if op == "sigmoid":
+            return torch.sigmoid(args[0])
+        if op == "reshape":
+            return args[0].flatten(2).unflatten(2, step.arg)
+        if op == "transpose":
+            return args[0].transpose(-1, -2).contiguous().transpose(-1, -2)
+        if op == "mean_pool":
+            return args[0].mean((2, 3), keepdim=True)
         if op == "cat":
             return torch.cat(args, dim=1)
         if op == "relu":
@@ -583,6 +615,7 @@ class GeneratedModel(nn.Module):
                 "module": lambda s=s, a=a: f"{s.arg}({a[0]})",
                 "conv_fn": lambda s=s, a=a: f"F.conv2d({a[0]}, {s.arg})",
                 "add": lambda a=a: f"{a[0]} + {a[1]}",
+                "mul": lambda a=a: f"{a[0]} * {a[1]}",
                 "cat": lambda a=a: f"cat([{', '.join(a)}], 1)",
                 "scale": lambda s=s, a=a: f"{a[0]} * {s.arg}",
                 "gate": lambda a=a: f"{a[0]} * sigmoid({a[0]})",
@@ -639,13 +672,113 @@ def models(
     --------
     >>> import torch
     >>> from hypothesis import given, settings
-    >>> @settings(max_examples=5, database=None)
+    >>> @settings(max_examples=5, database=None, deadline=None)
     ... @given(models(dtype=torch.float64))
     ... def check(case):
     ...     model, x = case
     ...     assert_equivalent(torch.fx.symbolic_trace(model), model, x)
     >>> check()
     """
+    return _model_strategy(
+        _MODEL_BLOCKS,
+        max_steps=max_steps,
+        max_channels=max_channels,
+        min_size=min_size,
+        max_size=max_size,
+        head=head,
+        multiple_outputs=multiple_outputs,
+        dtype=dtype,
+        rich=False,
+    )
+
+
+_MODEL_BLOCKS = (
+    "conv",
+    "conv",
+    "residual",
+    "projection",
+    "shared",
+    "conv_fn",
+    "elementwise",
+    "cat",
+    "pool",
+)
+_GRAPH_BLOCKS = (
+    *_MODEL_BLOCKS,
+    "conv",
+    "residual",
+    "bottleneck",
+    "squeeze_excite",
+    "reshape",
+    "shared_linear",
+)
+
+
+def graphs(
+    *,
+    max_steps: int = 8,
+    max_channels: int = 8,
+    min_size: int = 5,
+    max_size: int = 12,
+    head: bool | None = None,
+    multiple_outputs: bool = True,
+    dtype: torch.dtype = torch.float32,
+) -> Any:
+    """Strategy for random model DAGs, richer than :func:`models`: the graph fuzzer.
+
+    Everything :func:`models` draws, plus: non-square kernels and per-axis strides, dilation,
+    groups and uncentred padding; bottleneck residuals (1x1, kxk, 1x1) with identity or
+    projection shortcuts; squeeze-excite gates (global pool, two 1x1 convs, sigmoid, multiply);
+    reshapes (flatten/unflatten, transpose round trips); a linear layer called twice; residual
+    adds spelled ``+``, ``torch.add`` and ``Tensor.add``; and more activation kinds
+    (:data:`EXTRA_ACTIVATION_MODULES`, ``PReLU`` among them). By default a model may return
+    several values.
+
+    Parameters
+    ----------
+    See :func:`models`.
+
+    Returns
+    -------
+    hypothesis.strategies.SearchStrategy
+        Of ``(model, x)`` with ``model`` a :class:`GeneratedModel` in eval mode.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from hypothesis import given, settings
+    >>> @settings(max_examples=5, database=None, deadline=None)
+    ... @given(graphs(dtype=torch.float64))
+    ... def check(case):
+    ...     model, x = case
+    ...     assert_equivalent(torch.fx.symbolic_trace(model), model, x)
+    >>> check()
+    """
+    return _model_strategy(
+        _GRAPH_BLOCKS,
+        max_steps=max_steps,
+        max_channels=max_channels,
+        min_size=min_size,
+        max_size=max_size,
+        head=head,
+        multiple_outputs=multiple_outputs,
+        dtype=dtype,
+        rich=True,
+    )
+
+
+def _model_strategy(
+    kinds: tuple[str, ...],
+    *,
+    max_steps: int,
+    max_channels: int,
+    min_size: int,
+    max_size: int,
+    head: bool | None,
+    multiple_outputs: bool,
+    dtype: torch.dtype,
+    rich: bool,
+) -> Any:
     st = _hypothesis()
     if max_steps < 1:
         raise ValueError(f"max_steps must be >= 1, got max_steps={max_steps!r}")
@@ -655,28 +788,13 @@ def models(
 
     @st.composite
     def draw_model(draw: Any) -> tuple[GeneratedModel, torch.Tensor]:
-        b = _Builder(draw, st, max_channels)
+        b = _Builder(draw, st, max_channels, rich=rich)
         c = draw(st.integers(1, max_channels))
         h = draw(st.integers(min_size, max_size))
         w = draw(st.integers(min_size, max_size))
         b.shapes.append((c, h, w))
         for _ in range(draw(st.integers(1, max_steps))):
-            kind = draw(
-                st.sampled_from(
-                    (
-                        "conv",
-                        "conv",
-                        "residual",
-                        "projection",
-                        "shared",
-                        "conv_fn",
-                        "elementwise",
-                        "cat",
-                        "pool",
-                    )
-                )
-            )
-            getattr(b, f"block_{kind}")()
+            getattr(b, f"block_{draw(st.sampled_from(kinds))}")()
         outputs: list[int] = [-1]
         if multiple_outputs and len(b.shapes) > 2:
             extra = draw(st.lists(st.integers(1, len(b.shapes) - 2), max_size=2, unique=True))
@@ -703,10 +821,11 @@ def models(
 class _Builder:
     """Draws the blocks of a :class:`GeneratedModel`, tracking every value's (C, H, W)."""
 
-    def __init__(self, draw: Any, st: Any, max_channels: int) -> None:
+    def __init__(self, draw: Any, st: Any, max_channels: int, *, rich: bool = False) -> None:
         self.draw = draw
         self.st = st
         self.max_channels = max_channels
+        self.rich = rich  # graphs(): per-axis geometry, more activations and spellings
         self.shapes: list[tuple[int, ...]] = []
         self.steps: list[Step] = []
         self.makers: dict[str, Any] = {}
@@ -750,6 +869,8 @@ class _Builder:
         dense: bool = False,
     ) -> int:
         draw, st = self.draw, self.st
+        if self.rich and kernel is None and stride is None and centred is None:
+            return self._free_conv(src, out=out, dense=dense)
         c, h, w = self.shapes[src]
         k = kernel if kernel is not None else draw(st.sampled_from((1, 1, 3, 3, 5)))
         d = 1 if k == 1 else draw(st.sampled_from((1, 1, 2)))
@@ -779,6 +900,48 @@ class _Builder:
             shape,
         )
 
+    def _groups(self, c: int, out: int | None, dense: bool) -> tuple[int, int]:
+        draw, st = self.draw, self.st
+        kind = "dense" if dense else draw(st.sampled_from(("dense", "dense", "grouped", "dw")))
+        if kind == "dw":
+            g, o = c, c * draw(st.integers(1, max(1, self.max_channels // c)))
+        elif kind == "grouped":
+            g = draw(st.sampled_from(_divisors(c)))
+            o = g * draw(st.integers(1, max(1, self.max_channels // g)))
+        else:
+            g, o = 1, draw(st.integers(1, self.max_channels))
+        if out is not None:
+            g, o = math.gcd(g, out), out
+        return g, o
+
+    def _free_conv(self, src: int, *, out: int | None, dense: bool) -> int:
+        """A conv with kernel, stride, dilation and padding drawn per axis (may be uncentred)."""
+        draw, st = self.draw, self.st
+        c, *spatial = self.shapes[src]
+        kernel, stride, dilation, padding, size = [], [], [], [], []
+        for n in spatial:
+            k = draw(st.sampled_from((1, 1, 2, 3, 3, 5)))
+            d = 1 if k == 1 else draw(st.sampled_from((1, 1, 2, 3)))
+            span = d * (k - 1)
+            p = draw(st.integers(0, span))  # 0 .. "full" padding, centred or not
+            while n + 2 * p - span < 1:
+                p += 1
+            s = draw(st.sampled_from((1, 1, 2, 3)))
+            kernel.append(k)
+            dilation.append(d)
+            padding.append(p)
+            stride.append(s)
+            size.append((n + 2 * p - span - 1) // s + 1)
+        g, o = self._groups(c, out, dense)
+        bias = draw(st.booleans())
+        k_, s_, p_, d_ = tuple(kernel), tuple(stride), tuple(padding), tuple(dilation)
+        return self._module(
+            "conv",
+            lambda: nn.Conv2d(c, o, k_, stride=s_, padding=p_, dilation=d_, groups=g, bias=bias),
+            src,
+            (o, *size),
+        )
+
     def bn(self, src: int) -> int:
         eps = self.draw(self.st.sampled_from(_EPS))
         c = self.shapes[src][0]
@@ -787,9 +950,19 @@ class _Builder:
     def act(self, src: int) -> int:
         spelling = self.draw(self.st.sampled_from(("module", "module", "relu", "relu_method")))
         if spelling == "module":
+            if self.rich:
+                choices = ACTIVATION_MODULES + EXTRA_ACTIVATION_MODULES
+                make = choices[self.draw(self.st.integers(0, len(choices) - 1))]
+                return self._module("act", make, src, self.shapes[src])
             i = self.draw(self.st.integers(0, len(ACTIVATION_MODULES) - 1))
             return self._module("act", lambda: _activation(i), src, self.shapes[src])
         return self._emit(Step(spelling, (src,)), self.shapes[src])
+
+    def add(self, a: int, b: int) -> int:
+        spelling = None
+        if self.rich:
+            spelling = self.draw(self.st.sampled_from((None, "torch.add", "method")))
+        return self._emit(Step("add", (a, b), spelling), self.shapes[a])
 
     def unit(self, src: int, **kw: Any) -> int:
         v = self.conv(src, **kw)
@@ -818,7 +991,7 @@ class _Builder:
             v = self.act(v)
             v = self.unit(v, out=c, kernel=3, stride=1, centred=True)
         order = (src, v) if self.draw(self.st.booleans()) else (v, src)
-        v = self._emit(Step("add", order), self.shapes[src])
+        v = self.add(*order)
         if self.draw(self.st.booleans()):
             self.act(v)
 
@@ -830,7 +1003,7 @@ class _Builder:
         o = self.draw(self.st.integers(1, self.max_channels))
         branch = self.unit(src, out=o, kernel=3, stride=s, centred=True)
         short = self.unit(src, out=o, kernel=1, stride=s, centred=True)
-        v = self._emit(Step("add", (branch, short)), self.shapes[branch])
+        v = self.add(branch, short)
         if self.draw(self.st.booleans()):
             self.act(v)
 
@@ -902,6 +1075,81 @@ class _Builder:
             return
         op = self.draw(self.st.sampled_from(("max_pool", "avg_pool")))
         self._emit(Step(op, (src,)), (c, h // 2, w // 2))
+
+    def block_bottleneck(self) -> None:
+        """1x1 -> kxk (strided, maybe depthwise) -> 1x1, identity or projection shortcut."""
+        src = self._spatial_source()
+        if src is None:
+            return
+        draw, st = self.draw, self.st
+        c = self.shapes[src][0]
+        mid = draw(st.integers(1, self.max_channels))
+        stride = draw(st.sampled_from((1, 1, 2)))
+        v = self.unit(src, out=mid, kernel=1, stride=1, centred=True, dense=True)
+        v = self.act(v)
+        v = self.unit(v, out=mid, kernel=3, stride=stride, centred=True)
+        if draw(st.booleans()):
+            v = self.act(v)
+        out = c if stride == 1 and draw(st.booleans()) else draw(st.integers(1, self.max_channels))
+        v = self.unit(v, out=out, kernel=1, stride=1, centred=True, dense=True)
+        if stride == 1 and out == c:
+            short = src
+        else:
+            short = self.unit(src, out=out, kernel=1, stride=stride, centred=True, dense=True)
+        v = self.add(v, short)
+        if draw(st.booleans()):
+            self.act(v)
+
+    def block_squeeze_excite(self) -> None:
+        """``x * sigmoid(conv(act(conv(pool(x)))))``: a multiplicative gate."""
+        src = self._spatial_source()
+        if src is None:
+            return
+        draw, st = self.draw, self.st
+        c = self.shapes[src][0]
+        pool = draw(st.sampled_from(("global_pool", "mean_pool")))
+        g = self._emit(Step(pool, (src,)), (c, 1, 1))
+        g = self.conv(
+            g,
+            out=draw(st.integers(1, self.max_channels)),
+            kernel=1,
+            stride=1,
+            centred=True,
+            dense=True,
+        )
+        g = self.act(g)
+        g = self.conv(g, out=c, kernel=1, stride=1, centred=True, dense=True)
+        if draw(st.booleans()):
+            g = self._emit(Step("sigmoid", (g,)), (c, 1, 1))
+        else:
+            g = self._module("gate", nn.Hardsigmoid, g, (c, 1, 1))
+        self._emit(Step("mul", (src, g) if draw(st.booleans()) else (g, src)), self.shapes[src])
+
+    def block_reshape(self) -> None:
+        src = self._spatial_source()
+        if src is None:
+            return
+        c, h, w = self.shapes[src]
+        if self.draw(self.st.booleans()):
+            self._emit(Step("reshape", (src,), (h, w)), (c, h, w))
+        else:
+            self._emit(Step("transpose", (src,)), (c, h, w))
+
+    def block_shared_linear(self) -> None:
+        """One ``nn.Linear(f, f)`` called twice (on a pooled, flattened map if need be)."""
+        src = self.last
+        if len(self.shapes[src]) == 3:
+            c = self.shapes[src][0]
+            src = self._emit(Step("global_pool", (src,)), (c, 1, 1))
+            src = self._emit(Step("flatten", (src,)), (c,))
+        (features,) = self.shapes[src]
+        name = self._name("shared_fc")
+        bias = self.draw(self.st.booleans())
+        self.makers[name] = lambda: nn.Linear(features, features, bias=bias)
+        v = self._emit(Step("module", (src,), name), (features,))
+        if self.draw(self.st.booleans()):
+            v = self.act(v)
+        self._emit(Step("module", (v,), name), (features,))
 
     def block_head(self) -> None:
         src = self.last
