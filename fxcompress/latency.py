@@ -628,8 +628,10 @@ def _read_cache(
         return None, {}, f"cannot be read ({exc})"
     try:
         data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        return None, {}, f"is not valid JSON ({exc})"
+    except (ValueError, RecursionError) as exc:
+        # JSONDecodeError, but also integers longer than Python's digit limit (ValueError) and
+        # nesting deeper than the recursion limit (RecursionError): never crash on a bad file
+        return None, {}, f"is not valid JSON ({type(exc).__name__}: {str(exc)[:100]})"
     if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT:
         return None, {}, f"is not a latency file of format {CACHE_FORMAT}"
     stored_env, stored = data.get("env"), data.get("entries")

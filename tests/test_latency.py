@@ -549,11 +549,17 @@ def test_cache_from_another_environment_is_ignored(tmp_path, timer, caplog, fiel
         "[1, 2, 3]",
         '{"format": 99, "env": {}, "entries": {}}',
         '{"format": ' + str(CACHE_FORMAT) + ', "env": [], "entries": {}}',
+        "[" * 100_000,  # deeper than the recursion limit (crashed json.loads before)
+        '{"format": 1, "entries": {"a": ' + "1" * 5000 + "}}",  # beyond int's digit limit
+        b"\xff\xfe\x00garbage",  # not UTF-8
     ],
 )
 def test_corrupted_cache_warns_and_is_rebuilt(tmp_path, timer, caplog, content):
     path = LatencyTable(cache_dir=tmp_path).cache_path
-    path.write_text(content)
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         table = LatencyTable(cache_dir=tmp_path)
     assert str(path) in caplog.text
@@ -718,3 +724,41 @@ def test_invalid_lookups():
         table.many([ACT, None])  # type: ignore[list-item]
     with pytest.raises(InvalidArgument, match="cache_dir"):
         table.save()
+
+
+_WRITER = """
+import sys
+from fxcompress import latency
+from fxcompress.latency import LatencyTable, OpSpec
+
+def fake(module, inputs, **kwargs):
+    return float(inputs[0].shape[-1])  # the value is a function of the op: checkable
+
+latency._time_forward = fake
+table = LatencyTable(cache_dir=sys.argv[1], threads=1)
+for n in range(int(sys.argv[2]), int(sys.argv[2]) + 40):
+    table(OpSpec("add", (1, n)))  # saves after every new value
+"""
+
+
+def test_two_processes_writing_at_once_never_corrupt_or_mix_entries(tmp_path):
+    """Two processes fill one cache file concurrently (each save re-reads and merges): the file
+    stays valid JSON, every entry it holds has its writer's value, and a new table reads it."""
+    import subprocess
+    import sys
+
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path), str(start)])
+        for start in (1, 1001)
+    ]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    (path,) = [p for p in tmp_path.iterdir() if p.suffix == ".json"]
+    data = json.loads(path.read_text())
+    assert data["entries"], "nothing was written"
+    for key, value in data["entries"].items():
+        n = json.loads(key)["input_shape"][-1]
+        assert value == float(n), key  # never a wrong entry
+    assert tmp_files(tmp_path) == []
+    table = LatencyTable(cache_dir=tmp_path, threads=1)
+    assert table.cache_path == path
+    assert dict(table.entries) == data["entries"]
