@@ -165,7 +165,8 @@ def _leaves(value: Any, path: str) -> Iterable[tuple[str, Any]]:
         for key in sorted(value, key=repr):
             yield from _leaves(value[key], f"{path}[{key!r}]")
     elif isinstance(value, (tuple, list)):
-        yield path, (type(value).__name__, len(value))
+        # by kind, not class: a traced graph returns torch.fx's immutable_list for a list
+        yield path, ("list" if isinstance(value, list) else "tuple", len(value))
         for i, item in enumerate(value):
             yield from _leaves(item, f"{path}[{i}]")
     else:

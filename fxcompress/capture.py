@@ -15,6 +15,7 @@ Invariants of a captured module:
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import traceback
 from collections.abc import Sequence
@@ -188,7 +189,7 @@ def capture(
 
     tracer = _Tracer(leaf_types, leaf_names)
     try:
-        graph = tracer.trace(copied)
+        graph = tracer.trace(copied, concrete_args=_defaults_after(copied, len(inputs)))
     except Exception as exc:
         raise _capture_error(exc, tracer, copied) from exc
     gm = fx.GraphModule(copied, graph, class_name=type(model).__name__)
@@ -204,6 +205,26 @@ def capture(
     if shared:
         logger.info("modules called at several places (never rewritten in place): %s", shared)
     return gm
+
+
+def _defaults_after(model: nn.Module, given: int) -> dict[str, Any] | None:
+    """Forward's parameters with defaults past the ``given`` positional inputs, at their defaults.
+
+    Traced as constants: otherwise ``torch.fx`` makes them placeholders and traces
+    ``if scale is None`` as false, a graph the model never runs with the given inputs.
+    """
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    rest = {}
+    for i, p in enumerate(params):
+        if p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+            continue
+        if (p.kind not in positional or i >= given) and p.default is not inspect.Parameter.empty:
+            rest[p.name] = p.default
+    return rest or None
 
 
 def _params(gm: fx.GraphModule, name: str) -> Any:
