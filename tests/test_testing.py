@@ -357,3 +357,31 @@ def test_each_model_gets_its_own_copy_of_the_inputs():
     original = x.clone()
     assert assert_equivalent(Doubler(), lambda t: 2.0 * t, x) == 0.0
     assert torch.equal(x, original)
+
+
+def test_graphs_cover_the_fuzzer_structures():
+    """Over the ci sample, graphs() draws every structure its docstring promises."""
+    from fxcompress.testing import graphs
+
+    seen: set[str] = set()
+
+    @settings(max_examples=60)
+    @given(graphs())
+    def collect(case):
+        model, x = case
+        seen.update(s.op for s in model.steps)
+        seen.update(str(s.arg) for s in model.steps if s.op == "add")
+        names = [s.arg for s in model.steps if s.op == "module"]
+        for n in set(names):
+            if names.count(n) > 1:
+                seen.add(type(model.get_submodule(n)).__name__ + " shared")
+        for m in model.modules():
+            seen.add(type(m).__name__)
+            if isinstance(m, nn.Conv2d) and len(set(m.kernel_size)) > 1:
+                seen.add("non-square")
+        assert_equivalent(torch.fx.symbolic_trace(model), model, x)
+
+    collect()
+    assert {"mul", "reshape", "transpose", "cat", "conv_fn", "flatten"} <= seen
+    assert {"None", "torch.add", "method"} <= seen
+    assert {"Conv2d shared", "Linear shared", "non-square", "PReLU", "BatchNorm2d"} <= seen
