@@ -193,11 +193,13 @@ def analyze(gm: fx.GraphModule) -> Analysis:
     branch_chains = [
         Chain(f"{r.add}.branch", _branch_items(r), parent=r.add) for r in residuals.values()
     ]
+    covered = _covered_names(items)  # one pass: a per-node scan of all items is O(n^2)
+    kept_names = {k for k, _ in kept}
     for node in gm.graph.nodes:
         if (
             node.op in ("call_module", "call_function", "call_method")
-            and not _covered(node.name, items)
-            and not any(node.name == k for k, _ in kept)
+            and node.name not in covered
+            and node.name not in kept_names
         ):
             kept.append((node.name, "not part of a mergeable chain"))
     ordered = sorted(chains, key=lambda c: _order(c, nodes))
@@ -217,14 +219,15 @@ def _branch_items(res: Residual) -> tuple[Item, ...]:
     return res.branch_units
 
 
-def _covered(name: str, items: dict[str, Item]) -> bool:
+def _covered_names(items: dict[str, Item]) -> set[str]:
+    """Names of the nodes that belong to some item (layers, BNs, activations, residual adds)."""
+    names: set[str] = set()
     for item in items.values():
         for unit in _units_of(item):
-            if name in (unit.layer, unit.bn, unit.act):
-                return True
-        if isinstance(item, Residual) and name in (item.add, item.act):
-            return True
-    return False
+            names.update(n for n in (unit.layer, unit.bn, unit.act) if n is not None)
+        if isinstance(item, Residual):
+            names.update(n for n in (item.add, item.act) if n is not None)
+    return names
 
 
 def _units_of(item: Item) -> Iterator[Unit]:
