@@ -153,7 +153,7 @@ def run_layer_drop(model, data, target_ms, ref_ms, x):
                 ),
             )
         )
-    problem = planner.Problem(tuple(segs), fixed_latency=ref_ms - sum(ms.values()))
+    problem = planner.Problem(tuple(segs), fixed_latency=max(0.0, ref_ms - sum(ms.values())))
     try:
         sol = planner.solve(problem, target_ms)
     except fxcompress.InfeasibleBudget:
