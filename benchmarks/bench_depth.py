@@ -124,7 +124,7 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
                 append_log(log, row)
                 rows.append(row)
-                if "infeasible" in row:
+                if "infeasible" in row and not row["measured_miss"]:
                     break  # tighter budgets are unreachable too
     e2e = None if args.skip_e2e else end_to_end_resnet34(args.size)
     if e2e:

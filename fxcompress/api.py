@@ -385,6 +385,7 @@ def make_plan(
 
     t0 = time.perf_counter()
     calib = Calibration.from_data(data, inputs, max_batches=calibration_batches)
+    _check_calibration_shapes(calib, inputs)
     candidates = [
         Candidate(o.chain, o.start, o.stop, o.key, o.pruned) for o in options if o.needs_score
     ]
@@ -487,6 +488,25 @@ def _segment_ms(problem: planner.Problem, decision: planner.Decision) -> tuple[f
     if decision.key == "keep":
         return (own, own)
     return (kept(decision.chain, decision.start, decision.stop), own)
+
+
+def _check_calibration_shapes(calib: Calibration, inputs: tuple[Any, ...]) -> None:
+    """Calibration batches must match the traced inputs in everything but the batch size."""
+    for i, batch in enumerate(calib.inputs):
+        if len(batch) != len(inputs):
+            raise InvalidArgument(
+                f"data batch {i} has {len(batch)} inputs, but the model was traced with "
+                f"{len(inputs)}"
+            )
+        for j, (got, want) in enumerate(zip(batch, inputs)):
+            if not (isinstance(got, torch.Tensor) and isinstance(want, torch.Tensor)):
+                continue
+            if got.dim() != want.dim() or got.shape[1:] != want.shape[1:]:
+                raise InvalidArgument(
+                    f"data batch {i}, input {j} has shape {tuple(got.shape)}, but the model was "
+                    f"traced with {tuple(want.shape)}: batches may differ only in their first "
+                    "(batch) dimension"
+                )
 
 
 def _cacheable(loss_fn: Any, candidate_finetune: Any) -> bool:

@@ -393,3 +393,10 @@ def test_optimize_lowrank_method_meets_a_parameter_budget() -> None:
 def test_methods_and_budget_kinds_that_do_not_fit_are_named(methods, budget, match) -> None:
     with pytest.raises(fxcompress.InvalidArgument, match=match):
         fxcompress.optimize(_net(), budget, example_inputs=X, methods=methods, latency="flops")
+
+
+def test_calibration_batches_of_another_shape_are_named() -> None:
+    data = [torch.randn(2, 3, 16, 16), torch.randn(2, 3, 12, 16)]
+    with pytest.raises(fxcompress.InvalidArgument, match=r"data batch 1, input 0 has shape"):
+        fxcompress.make_plan(_net(), 0.6, example_inputs=torch.randn(1, 3, 16, 16), data=data,
+                             latency="flops")
