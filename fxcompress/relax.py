@@ -154,7 +154,8 @@ def _relocate(
         _set_padding(gm, nodes[unit.layer], pad)
         _tag(nodes, (unit.layer, unit.bn), tag)
     for res, e_join, e_fork in shortcuts:
-        actual_fork = zero if res.fork == entry else e_fork
+        # a pruned layer before the residual leaves its fork reading the segment's entry
+        actual_fork = zero if nodes[res.fork].name == entry else e_fork
         add = nodes[res.add]
         _tag(nodes, (res.add,), tag)
         if res.shortcut is None:

@@ -180,3 +180,38 @@ def test_random_segments_merge_exactly(
         ref = relaxed(x)
         assert math.isfinite(float(ref.abs().max()))
         assert _rel_err(merged(x), ref) <= 1e-9
+
+
+class _PrunedBeforeResidual(nn.Module):
+    """Found by the graph fuzzer: the layer pruned first feeds a residual's fork, and a later
+    uncentred padding is relocated across the skip (the shortcut was mis-aligned)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0 = nn.Conv2d(1, 1, 1, stride=(1, 3), bias=False)
+        self.weight0 = nn.Parameter(torch.randn(1, 1, 3, 3))
+        self.conv1 = nn.Conv2d(1, 1, 1)
+        self.conv2 = nn.Conv2d(1, 1, 1)
+        self.conv3 = nn.Conv2d(1, 1, (1, 2), padding=(0, 1))
+
+    def forward(self, v0: torch.Tensor) -> torch.Tensor:
+        v2 = torch.nn.functional.conv2d(self.conv0(v0), self.weight0, None, 1, 1)
+        return self.conv3(self.conv2(self.conv1(v2) + v2))
+
+
+def test_pruned_layer_feeding_a_residual_fork_keeps_the_skip_aligned() -> None:
+    from fxcompress.planning import enumerate_options
+    from fxcompress.relax import apply_segments
+
+    torch.manual_seed(0)
+    model = _PrunedBeforeResidual().double().eval()
+    x = torch.randn(1, 1, 5, 5, dtype=torch.float64)
+    gm = fxcompress.canonicalize(fxcompress.capture(model, x))
+    analysis = fxcompress.analyze(gm)
+    options = [o for o in enumerate_options(analysis, prune=True) if o.pruned and o.stop > 2]
+    assert options, "the case needs a pruned layer before the residual"
+    for o in options:
+        relaxed = apply_segments(gm, analysis, [(o.chain, o.start, o.stop, o.pruned)])
+        out = relaxed(x)  # used to fail: the skip was not padded like the branch
+        assert out.shape == model(x).shape
+        torch.testing.assert_close(fxcompress.merge(relaxed)(x), out, rtol=1e-9, atol=1e-12)
