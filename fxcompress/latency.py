@@ -112,6 +112,9 @@ CACHE_FORMAT: int = 2  # 2: entries are a low quantile of the runs, not their me
 _FLOAT_DTYPES = frozenset({"float16", "bfloat16", "float32", "float64"})
 _MIN_RUN_MS = 0.25  # each timed run loops over enough calls to last at least this long
 _MAX_INNER = 10_000  # upper bound of calls per timed run
+_MAX_WARMUP_S = 0.3  # warm-up stops early (after one call) once it has taken this long
+_MAX_OP_S = 1.5  # timed runs stop early once they have taken this long ...
+_MIN_REPEATS = 5  # ... and there are at least this many of them
 _SAVE_EVERY = 8  # LatencyTable.many saves to the cache after this many new values
 
 
@@ -584,13 +587,19 @@ def _time_forward(
     loops over (enough to last :data:`_MIN_RUN_MS`); the result is the :data:`QUANTILE` quantile
     (not the median: load from other processes only ever slows a run down, so a low quantile
     stays consistent between entries timed on a quiet and on a busy machine) over ``repeats``
-    runs of the run's time divided by its number of calls.
+    runs of the run's time divided by its number of calls. Slow ops stop early: warm-up after
+    :data:`_MAX_WARMUP_S`, timed runs after :data:`_MAX_OP_S` once there are
+    :data:`_MIN_REPEATS` of them, so a table at batch 32 does not cost ``repeats`` full calls of
+    every op.
     """
     clock = time.perf_counter
     with torch.inference_mode():
+        began = clock()
         for _ in range(warmup):
             module(*inputs)
-        sync()
+            sync()
+            if clock() - began > _MAX_WARMUP_S:
+                break  # a slow op is warm after one call; more would only cost time
         single = math.inf
         for _ in range(3):
             start = clock()
@@ -598,13 +607,16 @@ def _time_forward(
             sync()
             single = min(single, clock() - start)
         inner = min(_MAX_INNER, max(1, math.ceil(_MIN_RUN_MS / 1e3 / max(single, 1e-9))))
-        samples = []
+        samples: list[float] = []
+        began = clock()
         for _ in range(repeats):
             start = clock()
             for _ in range(inner):
                 module(*inputs)
             sync()
             samples.append((clock() - start) / inner)
+            if len(samples) >= _MIN_REPEATS and clock() - began > _MAX_OP_S:
+                break  # slow ops (large batches): a few runs already pin a low quantile down
     return max(quantile(samples, QUANTILE) * 1e3, 1e-9)
 
 
@@ -685,9 +697,11 @@ class LatencyTable:
         read at construction and written after new values (created if missing). Ignored in
         ``"flops"`` mode, whose values cost less to compute than to cache.
     repeats : int
-        Timed runs per op; a low quantile of them is kept. At least 1.
+        Timed runs per op (at most: a slow op stops after about 1.5 s once it has 5 runs); a low
+        quantile of them is kept. At least 1.
     warmup : int
-        Untimed calls before timing. At least 0.
+        Untimed calls before timing (at most: a slow op stops warming up after about 0.3 s).
+        At least 0.
     progress : bool, optional
         Show a tqdm bar in :meth:`many`; default: only when stderr is a terminal.
 

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import time
 
 import pytest
 import torch
@@ -389,6 +390,24 @@ def test_time_forward_loops_small_ops_and_takes_median():
     assert math.isfinite(ms)
     # warm-up, three calibration calls, then three runs of several calls each
     assert len(calls) > 2 + 3 + 3 * 2
+
+
+def test_time_forward_stops_slow_ops_early(monkeypatch):
+    """A slow op (a large batch) is timed for a bounded time, not ``repeats`` full calls."""
+    monkeypatch.setattr(latency, "_MAX_OP_S", 0.05)
+    monkeypatch.setattr(latency, "_MAX_WARMUP_S", 0.01)
+    calls = []
+
+    class Slow(nn.Module):
+        def forward(self, x):
+            calls.append(1)
+            time.sleep(0.02)
+            return x
+
+    ms = latency._time_forward(Slow(), (torch.zeros(1),), repeats=30, warmup=5, sync=lambda: None)
+    assert ms >= 20
+    # one warm-up call, three calibration calls, then the minimum of five timed runs
+    assert len(calls) == 1 + 3 + latency._MIN_REPEATS
 
 
 def test_second_lookup_hits_memory(timer):
