@@ -31,6 +31,7 @@ from .importance import Calibration, Candidate, fingerprint, score_candidates
 from .latency import LatencyTable, OpSpec
 from .merge import merge
 from .planning import (
+    DROP,
     baseline_latency,
     build_problem,
     enumerate_options,
@@ -45,9 +46,12 @@ __all__ = ["Budget", "Plan", "make_plan", "optimize", "relax"]
 
 logger = logging.getLogger("fxcompress")
 
+#: the default depth-compression search space (LayerMerge's)
 METHODS = ("merge", "prune")
+#: depth-compression methods that combine: ``"drop"`` adds dropping whole residual branches
+DEPTH_METHODS = (*METHODS, DROP)
 #: every method name ``optimize`` accepts; ``"lowrank"`` runs on its own
-ALL_METHODS = (*METHODS, "lowrank")
+ALL_METHODS = (*DEPTH_METHODS, "lowrank")
 
 
 @dataclass(frozen=True)
@@ -228,7 +232,7 @@ def _check_methods(methods: Sequence[str], budget: Budget | None = None) -> tupl
     bad = [m for m in methods if m not in ALL_METHODS]
     if bad or not methods:
         raise InvalidArgument(
-            f"methods must be a non-empty subset of {METHODS}, or ('lowrank',), got "
+            f"methods must be a non-empty subset of {DEPTH_METHODS}, or ('lowrank',), got "
             f"methods={methods!r}"
         )
     if "lowrank" in methods and len(set(methods)) > 1:
@@ -344,7 +348,7 @@ def make_plan(
 
     t0 = time.perf_counter()
     analysis = analyze(gm)
-    options = enumerate_options(analysis, prune="prune" in methods)
+    options = enumerate_options(analysis, prune="prune" in methods, drop=DROP in methods)
     timings["analyze"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -574,8 +578,9 @@ def relax(model: nn.Module, plan: Plan, example_inputs: Any = None) -> fx.GraphM
     )
     gm = canonicalize(capture(model, inputs, leaf_modules=plan.leaf_modules))
     analysis = analyze(gm)
-    segments = [(c, s, e, p) for c, s, e, k, p in plan.segments if k != "keep"]
-    relaxed = apply_segments(gm, analysis, segments)
+    segments = [(c, s, e, p) for c, s, e, k, p in plan.segments if k not in ("keep", DROP)]
+    drops = [(c, s) for c, s, e, k, p in plan.segments if k == DROP]
+    relaxed = apply_segments(gm, analysis, segments, drops=drops)
     propagate_shapes(relaxed, inputs)
     relaxed.meta["fxcompress.plan"] = plan.to_dict()
     return relaxed
@@ -623,8 +628,10 @@ def optimize(
         Measured latency table on ``device`` (cached in ``cache_dir``) or an analytic model.
     device : str, optional
         Device to measure latency on (default: the model's).
-    methods : sequence of {"merge", "prune"}, or ("lowrank",)
-        ``"merge"``: remove activations and merge; ``"prune"``: also drop reducible convs.
+    methods : sequence of {"merge", "prune", "drop"}, or ("lowrank",)
+        ``"merge"``: remove activations and merge; ``"prune"``: also drop reducible convs
+        (the default, LayerMerge's search space); ``"drop"``: also drop whole residual
+        branches (a block becomes its shortcut), chosen by the same DP.
         ``("lowrank",)`` instead decomposes conv and linear layers into low-rank pairs
         (:func:`fxcompress.lowrank.decompose`, ALDS allocation) under the budget, which may
         then also be ``Budget(params=...)`` or ``Budget(macs=...)``.

@@ -34,6 +34,7 @@ import torch
 from torch import fx
 
 from .analysis import Analysis
+from .planning import DROP
 from .relax import apply_segments
 
 __all__ = ["Calibration", "Candidate", "score_candidates"]
@@ -298,6 +299,10 @@ def score_candidates(
     scorer = _Scorer(gm, calib, loss_fn)
 
     def relaxed_of(c: Candidate) -> fx.GraphModule:
+        if c.key == DROP:
+            return apply_segments(
+                gm, analysis, [], drops=[(c.chain, c.start)], record_shapes=False
+            )
         return apply_segments(
             gm, analysis, [(c.chain, c.start, c.stop, c.pruned)], record_shapes=False
         )

@@ -3,7 +3,8 @@
 It enumerates the segment options of every chain, prices each with the latency table, and builds
 the :class:`fxcompress.planner.Problem` the DP solves. Choice keys are ``"keep"`` (a single item
 as it is; for a residual, its branch is planned as a sub-chain) or an :class:`~.analysis.Option`
-key (``"merge"`` or ``"merge:prune=a,b"``).
+key (``"merge"`` or ``"merge:prune=a,b"``), or ``"drop"`` (a residual reduced to its shortcut and
+final activation).
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ from .latency import OpSpec
 from .planner import Chain as PChain
 from .planner import Choice, Problem, Segment
 
-__all__ = ["SegmentOption", "build_problem", "enumerate_options", "item_latency"]
+__all__ = ["DROP", "SegmentOption", "build_problem", "enumerate_options", "item_latency"]
+
+#: choice key of a residual whose branch is dropped (the block becomes its shortcut)
+DROP = "drop"
 
 LatencyFn = Callable[[OpSpec], float]
 
@@ -40,8 +44,14 @@ class SegmentOption:
         return self.key != "keep"
 
 
-def enumerate_options(analysis: Analysis, *, prune: bool) -> list[SegmentOption]:
-    """Every segment option of every chain, in a deterministic order."""
+def enumerate_options(
+    analysis: Analysis, *, prune: bool, drop: bool = False
+) -> list[SegmentOption]:
+    """Every segment option of every chain, in a deterministic order.
+
+    ``prune`` adds LayerMerge's pruned merges; ``drop`` adds, for every residual, the option of
+    dropping its branch (key ``"drop"``: the block becomes its shortcut and final activation).
+    """
     out: list[SegmentOption] = []
     for chain in analysis.chains:
         n = len(chain.items)
@@ -51,6 +61,10 @@ def enumerate_options(analysis: Analysis, *, prune: bool) -> list[SegmentOption]
                 last_act = _act_kind(items[-1])
                 if stop - start == 1:
                     out.append(SegmentOption(chain.name, start, stop, "keep", (), None, last_act))
+                    if drop and isinstance(items[0], Residual):
+                        out.append(
+                            SegmentOption(chain.name, start, stop, DROP, (), None, last_act)
+                        )
                     if isinstance(items[0], Unit):
                         continue  # a single unit merged is the unit itself
                 options = segment_options(items)
@@ -140,8 +154,24 @@ def _residual_overhead(res: Residual, latency: LatencyFn, dtype: str) -> float:
     return t
 
 
+def _dropped_latency(res: Residual, latency: LatencyFn, dtype: str) -> float:
+    """A residual without its branch: the shortcut (if a layer) and the final activation."""
+    t = 0.0
+    if res.act_kind is not None:
+        t += latency(
+            OpSpec(kind="act", input_shape=res.output_shape, dtype=dtype, activation=res.act_kind)
+        )
+    if res.shortcut is not None:
+        t += latency(_unit_spec(res.shortcut, dtype, None))
+    return t
+
+
 def option_latency(opt: SegmentOption, analysis: Analysis, latency: LatencyFn, dtype: str) -> float:
     chain = analysis.chain(opt.chain)
+    if opt.key == DROP:
+        res = chain.items[opt.start]
+        assert isinstance(res, Residual)
+        return _dropped_latency(res, latency, dtype)
     if opt.key == "keep":
         item = chain.items[opt.start]
         if isinstance(item, Residual):

@@ -38,16 +38,24 @@ def apply_segments(
     analysis: Analysis,
     segments: Iterable[tuple[str, int, int, tuple[str, ...]]],
     *,
+    drops: Iterable[tuple[str, int]] = (),
     record_shapes: bool = True,
 ) -> fx.GraphModule:
     """Return a relaxed copy of ``gm`` with each ``(chain, start, stop, pruned)`` segment relaxed.
 
-    ``gm`` must be the canonicalised graph ``analysis`` was computed from. With
-    ``record_shapes`` the relaxed (larger) shapes are re-recorded in ``node.meta`` by one run on
-    zeros of the captured input shapes; :func:`merge` needs them.
+    Each ``(chain, index)`` of ``drops`` names a residual whose branch is removed: the block
+    becomes its shortcut followed by its final activation. ``gm`` must be the canonicalised
+    graph ``analysis`` was computed from. With ``record_shapes`` the relaxed (larger) shapes are
+    re-recorded in ``node.meta`` by one run on zeros of the captured input shapes; :func:`merge`
+    needs them.
     """
     gm = shallow_clone(gm)  # modules are shared with ``gm``; changed ones are copied first
     nodes = {n.name: n for n in gm.graph.nodes}
+    for chain_name, index in drops:
+        item = analysis.chain(chain_name).items[index]
+        if not isinstance(item, Residual):
+            raise ValueError(f"item {index} of chain {chain_name!r} is not a residual: {item!r}")
+        _drop_branch(nodes, item)
     for chain_name, start, stop, pruned in segments:
         items = analysis.chain(chain_name).items[start:stop]
         tag = f"{chain_name}:{start}-{stop}"
@@ -105,6 +113,15 @@ def _drop(nodes: dict[str, fx.Node], name: str | None) -> None:
     node.graph.erase_node(node)
 
 
+def _drop_branch(nodes: dict[str, fx.Node], res: Residual) -> None:
+    """``act(branch(x) + shortcut(x))`` becomes ``act(shortcut(x))``; the branch is dead code."""
+    add = nodes[res.add]
+    shortcut = nodes[res.fork] if res.shortcut is None else nodes[res.shortcut.output]
+    add.replace_all_uses_with(shortcut)
+    nodes[res.add] = shortcut
+    add.graph.erase_node(add)
+
+
 def _prune(nodes: dict[str, fx.Node], unit: Unit) -> None:
     conv = nodes[unit.layer]
     end = nodes[unit.bn] if unit.bn is not None else conv
@@ -143,10 +160,11 @@ def _relocate(
             shortcuts.append((it, e_join, e))
         else:
             e = _back(plan, it, e, pruned)
-    entry = items[0].input
+    # what now stands for the segment's input (a dropped branch before it leaves its shortcut)
+    entry = nodes[items[0].input]
     zero = (0,) * nd
     for unit, e_in, e_out in plan:
-        reads_entry = nodes[unit.layer].args[0].name == entry
+        reads_entry = nodes[unit.layer].args[0] is entry
         actual_in = zero if reads_entry else e_in
         pad = tuple(
             p + s * eo - ai for p, s, eo, ai in zip(unit.padding, unit.stride, e_out, actual_in)
@@ -155,7 +173,7 @@ def _relocate(
         _tag(nodes, (unit.layer, unit.bn), tag)
     for res, e_join, e_fork in shortcuts:
         # a pruned layer before the residual leaves its fork reading the segment's entry
-        actual_fork = zero if nodes[res.fork].name == entry else e_fork
+        actual_fork = zero if nodes[res.fork] is entry else e_fork
         add = nodes[res.add]
         _tag(nodes, (res.add,), tag)
         if res.shortcut is None:
