@@ -119,6 +119,11 @@ def _data(path: str | None) -> Any:
     raise UsageError("--data must be a .pt file holding a tensor or an (inputs, targets) pair")
 
 
+def _methods(spec: str) -> tuple[str, ...]:
+    """``--methods merge,prune,drop`` as a tuple (checked by ``optimize``)."""
+    return tuple(m.strip() for m in spec.split(",") if m.strip())
+
+
 def _to(batch: Any, device: str) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch.to(device)
@@ -170,6 +175,7 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         latency=args.latency,
         device=args.device,
         cache_dir=args.cache_dir,
+        methods=_methods(args.methods),
         progress=False if args.quiet else None,  # None: bars only on a terminal
     )
     report = result.meta["fxcompress"]
@@ -241,6 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
         "package.module:factory returning an iterable of batches",
     )
     o.add_argument("--latency", default="measure", choices=["measure", "flops"])
+    o.add_argument(
+        "--methods",
+        default="merge,prune",
+        help="comma-separated: merge, prune, drop (drop whole residual branches); or lowrank "
+        "alone (default: merge,prune)",
+    )
     o.add_argument("--device", default=None, help="e.g. cpu, cuda:0 (default: cpu)")
     o.add_argument("--cache-dir", default=None, help="latency cache directory")
     o.add_argument("--out", default=None, help="write the result as a .pt2 program")

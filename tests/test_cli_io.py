@@ -196,6 +196,40 @@ def test_cli_refuses_pickled_models_without_flag(tmp_path, capsys) -> None:
     assert ok.returncode == 0, ok.stderr
 
 
+class _Payload:
+    """Unpickling this would write a marker file: the CLI must never get that far."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "code ran"))
+
+
+def test_cli_refuses_a_pickled_data_payload(tmp_path, capsys) -> None:
+    marker = tmp_path / "ran.txt"
+    path = tmp_path / "data.pt"
+    torch.save([_Payload(marker)], path)
+    argv = ["optimize", "torchvision:resnet18", "--budget", "1.0", "--input-shape", "1,3,32,32",
+            "--latency", "flops", "--data", str(path), "--quiet"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "cannot read --data" in err
+    assert str(path) in err
+    assert not marker.exists()
+
+
+def test_cli_methods_flag_reaches_the_planner(tmp_path, capsys) -> None:
+    argv = ["optimize", "torchvision:resnet18", "--budget", "0.45", "--input-shape", "1,3,32,32",
+            "--latency", "flops", "--quiet"]
+    assert cli.main([*argv, "--methods", "merge,prune,drop"]) == 0
+    assert "drop" in capsys.readouterr().out
+    assert cli.main([*argv, "--methods", "merge,skip"]) == 2
+    err = capsys.readouterr().err
+    assert "skip" in err
+    assert "drop" in err
+
+
 def test_console_script_help() -> None:
     script = Path(sys.executable).with_name("fxcompress")  # installed by the package's entry point
     proc = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)

@@ -1,7 +1,8 @@
 """Graph fuzzer (issue 8): random model DAGs from ``fxcompress.testing.graphs`` through the whole
 pipeline. The reference is always the original model.
 
-Counts in the default ``ci`` profile: 60 + 40 examples; ``HYPOTHESIS_PROFILE=long`` runs 2000 each.
+Counts in the default ``ci`` profile: 200 + 150 examples; ``HYPOTHESIS_PROFILE=long`` runs
+2000 each.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def assert_untouched(model, snap):
     assert [m.training for m in model.modules()] == flags
 
 
-@settings(max_examples=2000 if LONG else 60)
+@settings(max_examples=2000 if LONG else 200)
 @given(graphs(dtype=torch.float64))
 def test_budget_one_is_the_identity(case):
     model, x = case
@@ -43,14 +44,17 @@ def test_budget_one_is_the_identity(case):
     assert_untouched(model, snap)
 
 
-@settings(max_examples=2000 if LONG else 40)
-@given(graphs(max_steps=6), st.floats(0.05, 0.999))
-def test_random_budget_never_crashes_and_relaxed_equals_merged(case, budget):
+METHODS = st.sampled_from([("merge",), ("merge", "prune"), ("merge", "prune", "drop")])
+
+
+@settings(max_examples=2000 if LONG else 150)
+@given(graphs(max_steps=6), st.floats(0.05, 0.999), METHODS)
+def test_random_budget_never_crashes_and_relaxed_equals_merged(case, budget, methods):
     model, x = case
     snap = snapshot(model)
     minimum = None
     try:
-        plan = make_plan(model, budget, x, latency="flops", progress=False)
+        plan = make_plan(model, budget, x, latency="flops", methods=methods, progress=False)
     except InfeasibleBudget as exc:
         minimum = exc.minimum
     if minimum is not None:
@@ -60,7 +64,9 @@ def test_random_budget_never_crashes_and_relaxed_equals_merged(case, budget):
     assert plan.predicted_ms <= budget * plan.original_ms * (1 + 1e-9)
     relaxed = fxcompress.relax(model, plan, x)
     assert_equivalent(merge(relaxed), relaxed, x)
-    out = fxcompress.optimize(model, budget, example_inputs=x, latency="flops", progress=False)
+    out = fxcompress.optimize(
+        model, budget, example_inputs=x, latency="flops", methods=methods, progress=False
+    )
     assert_equivalent(out, relaxed, x)
     assert_untouched(model, snap)
 
