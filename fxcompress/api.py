@@ -837,6 +837,27 @@ def _paired_latency(
     return t.a_ms, t.b_ms
 
 
+def _finetuned(
+    model: nn.Module,
+    plan: Plan,
+    inputs: tuple[Any, ...],
+    finetune: Callable[[fx.GraphModule], None],
+    check: bool,
+    report: Report,
+    timings: dict[str, float],
+) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """``plan`` relaxed afresh, fine-tuned by the caller's callback, and merged."""
+    t0 = time.perf_counter()
+    relaxed = relax(model, plan, inputs)
+    finetune(relaxed)
+    relaxed.eval()
+    result = merge(relaxed)
+    timings["finetune"] = time.perf_counter() - t0
+    if check:
+        report.max_rel_error = _check(relaxed, result, inputs, "merge of the fine-tuned model")
+    return relaxed, result
+
+
 def _next_target(history: list[tuple[float, float]], aim: float) -> float:
     """The budget (ms) to plan for next so the measured ratio lands on ``aim``.
 
@@ -925,6 +946,13 @@ def _optimize_below_one(
         plan, relaxed, result, ratio = min(met, key=lambda t: (t[0].damage, t[0].predicted_ms))
     else:
         plan, relaxed, result, ratio = min(tried, key=lambda t: t[3] or 0.0)
+        if finetune is not None:
+            # the exception carries the fastest model: hand it over as finished as a success
+            relaxed, result = _finetuned(model, plan, inputs, finetune, check, report, timings)
+        report.predicted_ms, report.damage = plan.predicted_ms, plan.damage
+        report.original_ms = plan.original_ms
+        report.final_ms = None if ratio is None else ratio * plan.original_ms
+        report.stage_seconds = timings
         result.meta["fxcompress"] = report
         raise InfeasibleBudget(
             f"budget {goal_ratio:.3g} is missed on measurement: none of the {len(tried)} plans "
@@ -937,14 +965,7 @@ def _optimize_below_one(
     if ratio is not None:
         report.final_ms = ratio * plan.original_ms
     if finetune is not None:
-        t0 = time.perf_counter()
-        relaxed = relax(model, plan, inputs)
-        finetune(relaxed)
-        relaxed.eval()
-        result = merge(relaxed)
-        timings["finetune"] = time.perf_counter() - t0
-        if check:
-            report.max_rel_error = _check(relaxed, result, inputs, "merge of the fine-tuned model")
+        relaxed, result = _finetuned(model, plan, inputs, finetune, check, report, timings)
         if table.mode == "measure":
             original_gm = canonicalize(capture(model, inputs))
             o, f = _paired_latency(table, original_gm, result, inputs)

@@ -16,6 +16,7 @@ from fxcompress import planner
 from fxcompress.api import _Prepared, _solve, make_plan
 from fxcompress.importance import Calibration, Candidate, score_candidates
 from fxcompress.planning import enumerate_options
+from fxcompress.testing import assert_equivalent
 
 
 class Net(nn.Module):
@@ -343,6 +344,27 @@ def test_closed_loop_raises_with_the_fastest_model_when_measurements_never_fit(
     assert isinstance(info.value.result, fx.GraphModule)
     assert info.value.result(X).shape == _net()(X).shape
     assert 2 <= len(seen) <= 1 + 1 + 2  # make_plan's baseline pair + at most 1 + max_replans
+
+
+def test_a_measured_miss_still_fine_tunes_the_fastest_model(tmp_path, monkeypatch) -> None:
+    table = fxcompress.LatencyTable(mode="measure", repeats=2, warmup=0, cache_dir=tmp_path)
+    _fake_timing(monkeypatch, lambda a, b: 0.99)
+    tuned = []
+
+    def finetune(relaxed: fx.GraphModule) -> None:
+        tuned.append(relaxed)
+        with torch.no_grad():
+            for p in relaxed.parameters():
+                p.mul_(0.5)  # a visible change the merged result must carry
+
+    with pytest.raises(fxcompress.InfeasibleBudget, match="missed on measurement") as info:
+        fxcompress.optimize(_net(), 0.8, example_inputs=X, latency=table, max_replans=1,
+                            finetune=finetune)
+    (relaxed,) = tuned
+    assert not relaxed.training
+    # the exception's model is the merge of the fine-tuned relaxed model, not the untuned one
+    assert_equivalent(info.value.result, relaxed, X)
+    assert "finetune" in info.value.result.meta["fxcompress"].stage_seconds
 
 
 def test_closed_loop_replans_until_the_measurement_fits(tmp_path, monkeypatch) -> None:
