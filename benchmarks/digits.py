@@ -26,6 +26,7 @@ import copy
 import hashlib
 import json
 import math
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -350,9 +351,10 @@ def evaluate(model: nn.Module, split: Split, batch_size: int = 256) -> float:
     return right / len(split)
 
 
-def _cache_path(config: dict) -> Path:
+def _cache_path(config: dict, cache_dir: Path | None = None) -> Path:
     text = json.dumps(config, sort_keys=True)
-    return CACHE / f"digits-{config['model']}-{hashlib.sha1(text.encode()).hexdigest()[:12]}.pt"
+    folder = CACHE if cache_dir is None else Path(cache_dir)
+    return folder / f"digits-{config['model']}-{hashlib.sha1(text.encode()).hexdigest()[:12]}.pt"
 
 
 def trained(
@@ -361,9 +363,17 @@ def trained(
     epochs: int = 20,
     lr: float = 0.1,
     seed: int = 0,
+    *,
+    cache_dir: str | Path | None = None,
     **model_kw: object,
 ) -> nn.Module:
-    """``BUILDERS[name](**model_kw)`` trained by :func:`train`; weights cached by configuration."""
+    """``BUILDERS[name](**model_kw)`` trained by :func:`train`; weights cached by configuration.
+
+    The cache key is the whole configuration: ``name``, every ``model_kw`` (so a smaller
+    ``width=``/``blocks=``/``stages=`` gets its own weights), ``epochs``, ``lr``, ``seed``, the
+    data split and the torch version. ``cache_dir`` (default ``benchmarks/.cache``) keeps, e.g.,
+    smoke-run weights apart from the real ones.
+    """
     if name not in BUILDERS:
         raise ValueError(f"unknown model name={name!r}; expected one of {sorted(BUILDERS)}")
     config = {
@@ -378,13 +388,13 @@ def trained(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = BUILDERS[name](**model_kw)
-    path = _cache_path(config)
+    path = _cache_path(config, None if cache_dir is None else Path(cache_dir))
     if path.exists():
         model.load_state_dict(torch.load(path, weights_only=True))
         return model.eval()
     train(model, data, epochs=epochs, lr=lr, seed=seed)
-    CACHE.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # processes training the same config at once
     torch.save(model.state_dict(), tmp)
     tmp.replace(path)
     return model.eval()
