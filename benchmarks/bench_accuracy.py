@@ -240,16 +240,14 @@ def run_fxcompress(
     """``optimize`` with the shared fine-tuning; returns (result, note, scoring seconds).
 
     A budget below every plan (``InfeasibleBudget`` without a result) gives no model. A budget
-    missed on *measurement* (the exception carries the fastest, un-fine-tuned plan) is
-    re-planned once for the ratio that was reached, so the row is fine-tuned like the others;
-    only if that misses too is the un-fine-tuned fastest plan reported. ``checkpoint()`` gives
-    the ``importance_checkpoint`` of each call (a fresh path scores cold).
+    missed on *measurement* gives the fastest plan the closed loop built, which ``optimize`` has
+    fine-tuned like every other result before raising. ``checkpoint()`` gives the
+    ``importance_checkpoint`` of each call (a fresh path scores cold).
     """
-
-    def call(b: float) -> nn.Module:
-        return fxcompress.optimize(
+    try:
+        out = fxcompress.optimize(
             ctx.model,
-            b,
+            budget,
             example_inputs=ctx.x1,
             data=ctx.data.calibration(),
             loss_fn=loss_fn,
@@ -260,25 +258,13 @@ def run_fxcompress(
             importance_checkpoint=checkpoint(),
             candidate_finetune=candidate_finetune,
         )
-
-    def scoring(out: nn.Module) -> float | None:
-        return out.meta["fxcompress"].stage_seconds.get("importance")
-
-    try:
-        out = call(budget)
-        return out, "", scoring(out)
     except fxcompress.InfeasibleBudget as exc:
         if exc.result is None:
             return None, f"infeasible (lowest {exc.minimum:.2f})", None
-        reached = exc.minimum
-    retry = min(1.0, round(reached * 1.02, 3))
-    try:
-        out = call(retry)
-        return out, f"missed {budget} on measurement; re-planned for {retry}", scoring(out)
-    except fxcompress.InfeasibleBudget as exc:
-        if exc.result is None:
-            return None, f"missed {budget} on measurement; re-plan infeasible", None
-        return exc.result, f"missed {budget} on measurement; fastest plan, not fine-tuned", None
+        out = exc.result
+        note = f"missed on measurement (fastest {exc.minimum:.2f}); fastest plan, fine-tuned"
+        return out, note, out.meta["fxcompress"].stage_seconds.get("importance")
+    return out, "", out.meta["fxcompress"].stage_seconds.get("importance")
 
 
 def candidate_sgd(data: digits.DigitsData, steps: int, batch: int, lr: float = 0.01):
