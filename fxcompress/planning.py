@@ -144,14 +144,9 @@ def item_latency(item: Item, latency: LatencyFn, dtype: str) -> float:
 
 
 def _residual_overhead(res: Residual, latency: LatencyFn, dtype: str) -> float:
-    t = latency(OpSpec(kind="add", input_shape=res.output_shape, dtype=dtype))
-    if res.act_kind is not None:
-        t += latency(
-            OpSpec(kind="act", input_shape=res.output_shape, dtype=dtype, activation=res.act_kind)
-        )
-    if res.shortcut is not None:
-        t += latency(_unit_spec(res.shortcut, dtype, None))
-    return t
+    """Everything of a residual but its branch: the add, the shortcut and the final activation."""
+    add = latency(OpSpec(kind="add", input_shape=res.output_shape, dtype=dtype))
+    return add + _dropped_latency(res, latency, dtype)
 
 
 def _dropped_latency(res: Residual, latency: LatencyFn, dtype: str) -> float:
