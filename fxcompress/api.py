@@ -38,7 +38,7 @@ from .planning import (
     item_latency,
     option_latency,
 )
-from .relax import apply_segments
+from .relax import apply_choices
 from .report import Report, count_macs, count_params
 from .timing import paired_timing
 
@@ -578,9 +578,7 @@ def relax(model: nn.Module, plan: Plan, example_inputs: Any = None) -> fx.GraphM
     )
     gm = canonicalize(capture(model, inputs, leaf_modules=plan.leaf_modules))
     analysis = analyze(gm)
-    segments = [(c, s, e, p) for c, s, e, k, p in plan.segments if k not in ("keep", DROP)]
-    drops = [(c, s) for c, s, e, k, p in plan.segments if k == DROP]
-    relaxed = apply_segments(gm, analysis, segments, drops=drops)
+    relaxed = apply_choices(gm, analysis, plan.segments)
     propagate_shapes(relaxed, inputs)
     relaxed.meta["fxcompress.plan"] = plan.to_dict()
     return relaxed

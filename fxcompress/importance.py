@@ -34,8 +34,7 @@ import torch
 from torch import fx
 
 from .analysis import Analysis
-from .planning import DROP
-from .relax import apply_segments
+from .relax import apply_choices
 
 __all__ = ["Calibration", "Candidate", "score_candidates"]
 
@@ -299,12 +298,8 @@ def score_candidates(
     scorer = _Scorer(gm, calib, loss_fn)
 
     def relaxed_of(c: Candidate) -> fx.GraphModule:
-        if c.key == DROP:
-            return apply_segments(
-                gm, analysis, [], drops=[(c.chain, c.start)], record_shapes=False
-            )
-        return apply_segments(
-            gm, analysis, [(c.chain, c.start, c.stop, c.pruned)], record_shapes=False
+        return apply_choices(
+            gm, analysis, [(c.chain, c.start, c.stop, c.key, c.pruned)], record_shapes=False
         )
 
     with bar(total=len(todo), desc="scoring", enabled=progress) as pbar:

@@ -29,8 +29,9 @@ from .analysis import Analysis, Item, Residual, Unit
 from .capture import propagate_shapes
 from .merge import SEGMENT
 from .modules import Pad
+from .planning import DROP
 
-__all__ = ["apply_segments"]
+__all__ = ["apply_choices", "apply_segments"]
 
 
 def apply_segments(
@@ -64,6 +65,24 @@ def apply_segments(
     if record_shapes:
         _reshape(gm)
     return gm
+
+
+def apply_choices(
+    gm: fx.GraphModule,
+    analysis: Analysis,
+    choices: Iterable[tuple[str, int, int, str, tuple[str, ...]]],
+    *,
+    record_shapes: bool = True,
+) -> fx.GraphModule:
+    """:func:`apply_segments` for planner choices ``(chain, start, stop, key, pruned)``.
+
+    ``"keep"`` changes nothing, ``"drop"`` drops the residual's branch, every other key relaxes
+    the segment.
+    """
+    choices = list(choices)
+    segments = [(c, s, e, p) for c, s, e, k, p in choices if k not in ("keep", DROP)]
+    drops = [(c, s) for c, s, _, k, _ in choices if k == DROP]
+    return apply_segments(gm, analysis, segments, drops=drops, record_shapes=record_shapes)
 
 
 def _reshape(gm: fx.GraphModule) -> None:

@@ -35,7 +35,7 @@ def count(module: nn.Module, types) -> int:
     return sum(isinstance(m, types) for m in module.modules())
 
 
-def merged(model: nn.Module, x) -> torch.fx.GraphModule:
+def assert_merged_exact(model: nn.Module, x) -> torch.fx.GraphModule:
     out = merge(capture(model, x))
     assert_equivalent(out, model, x)  # float64 1e-9, float32 1e-4 relative to max |output|
     return out
@@ -111,7 +111,7 @@ def merge_is_cheaper(first, second, mid_shape, out_shape) -> bool:
 @given(conv_chains(activations=False, dtype=torch.float64))
 def test_conv_bn_chains_float64(case):
     model, x = case
-    out = merged(model, x)
+    out = assert_merged_exact(model, x)
     assert count(out, BNS) == 0  # every BN follows a conv that only it reads
     assert 1 <= count(out, CONVS) <= count(model, CONVS)
 
@@ -119,7 +119,7 @@ def test_conv_bn_chains_float64(case):
 @given(conv_chains(activations=False, dtype=torch.float32))
 def test_conv_bn_chains_float32(case):
     model, x = case
-    out = merged(model, x)
+    out = assert_merged_exact(model, x)
     assert count(out, BNS) == 0
     assert 1 <= count(out, CONVS) <= count(model, CONVS)
 
@@ -129,7 +129,7 @@ def test_conv_bn_chains_float32(case):
 def test_conv_bn_chains_1d_and_3d(data):
     ndim = data.draw(st.sampled_from((1, 3)))
     model, x = data.draw(conv_chains(ndim=ndim, activations=False, dtype=torch.float64))
-    out = merged(model, x)
+    out = assert_merged_exact(model, x)
     assert count(out, BNS) == 0
 
 
@@ -139,7 +139,7 @@ def test_two_conv_chain_merges_exactly_when_not_costlier(case):
     first, second = (m for m in model if isinstance(m, CONVS))
     shapes = dict(zip((id(m) for m in model), output_shapes(model, x)))
     expected = 1 if merge_is_cheaper(first, second, shapes[id(first)], shapes[id(second)]) else 2
-    out = merged(model, x)
+    out = assert_merged_exact(model, x)
     assert count(out, CONVS) == expected
 
 
@@ -168,7 +168,7 @@ def test_pointwise_expansion_then_kxk_collapses_to_one_conv(
     layers.append(nn.Conv2d(c1, c2, kernel, stride=stride, dilation=dilation))
     model = nn.Sequential(*layers).double().eval()
     x = torch.randn(2, c0, 20, 19, dtype=torch.float64)
-    out = merged(model, x)
+    out = assert_merged_exact(model, x)
     assert count(out, CONVS) == 1
     assert count(out, BNS) == 0
 
@@ -193,14 +193,14 @@ def test_kxk_then_pointwise_reduction_collapses_to_one_conv(
         nn.Conv2d(c1, c2, 1, stride=stride2),
     )
     model = model.double().eval()
-    out = merged(model, torch.randn(1, c0, 11, 12, dtype=torch.float64))
+    out = assert_merged_exact(model, torch.randn(1, c0, 11, 12, dtype=torch.float64))
     assert count(out, CONVS) == 1
 
 
 def test_padding_on_the_second_conv_blocks_the_merge():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3, padding=1)).double().eval()
     x = torch.randn(1, 3, 9, 9, dtype=torch.float64)
-    assert count(merged(model, x), CONVS) == 2
+    assert count(assert_merged_exact(model, x), CONVS) == 2
 
 
 @pytest.mark.parametrize(
@@ -222,7 +222,7 @@ def test_merge_only_if_not_costlier(layers, merges):
     torch.manual_seed(0)
     model = nn.Sequential(*layers).double().eval()
     x = torch.randn(1, 8, 12, 12, dtype=torch.float64)
-    out = merged(model, x)
+    out = assert_merged_exact(model, x)
     assert count(out, CONVS) == (1 if merges else 2)
     assert any(e["kind"] == "merge" for e in out.meta["fxcompress.events"]) == merges
     forced = merge(capture(model, x), only_if_cheaper=False)
@@ -265,7 +265,7 @@ def test_bn_fold_with_eps_variations(eps, affine, bias, dtype, linear, seed):
         layer, x = nn.Conv2d(3, 4, 3, padding=1, bias=bias), torch.randn(2, 3, 6, 6)
         bn = random_bn(4, eps, affine=affine)
     model = nn.Sequential(layer, bn).to(dtype).eval()
-    out = merged(model, x.to(dtype))
+    out = assert_merged_exact(model, x.to(dtype))
     assert count(out, BNS) == 0
     assert [e["kind"] for e in out.meta["fxcompress.events"]] == ["fold_bn"]
     # the public single-purpose pass does the same
@@ -287,7 +287,7 @@ def test_bn_whose_input_is_read_elsewhere_is_not_folded_into_it():
             return self.after(self.bn(y)), y
 
     model = Net().double().eval()
-    out = merged(model, torch.randn(1, 3, 6, 6, dtype=torch.float64))
+    out = assert_merged_exact(model, torch.randn(1, 3, 6, 6, dtype=torch.float64))
     assert count(out, BNS) == 1
 
 
@@ -307,7 +307,7 @@ def test_bn_folds_into_the_following_unpadded_layer_when_it_cannot_go_backwards(
 
     model = Net().double().eval()
     x = (torch.randn(2, 3, 7, 7, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64))
-    out = merged(model, x)
+    out = assert_merged_exact(model, x)
     assert count(out, BNS) == 0
     assert [e["kind"] for e in out.meta["fxcompress.events"]] == ["fold_bn_before"] * 2
 
@@ -320,7 +320,7 @@ def test_bn_folds_into_the_following_unpadded_layer_when_it_cannot_go_backwards(
 @given(linear_chains(activations=False, dtype=torch.float64))
 def test_linear_chains_stay_exact(case):
     model, x = case
-    out = merged(model, x)
+    out = assert_merged_exact(model, x)
     assert count(out, BNS) == 0
     assert 1 <= count(out, nn.Linear) <= count(model, nn.Linear)
 
@@ -342,7 +342,7 @@ def test_two_linears_merge_only_when_not_larger(d_in, hidden, d_out, bias, seque
     model = nn.Sequential(nn.Linear(d_in, hidden, bias=bias), nn.Linear(hidden, d_out))
     model = model.double().eval()
     x = torch.randn(2, 3, d_in) if sequence else torch.randn(4, d_in)
-    out = merged(model, x.double())
+    out = assert_merged_exact(model, x.double())
     expected = 1 if hidden * (d_in + d_out) >= d_in * d_out else 2
     assert count(out, nn.Linear) == expected
 
@@ -392,7 +392,7 @@ def test_identity_skip_folds_into_one_conv(
     if not bias:
         conv.bias = None
     model = Skip(conv, random_bn(channels, 1e-3) if bn else None, spelling).to(dtype).eval()
-    out = merged(model, torch.randn(2, channels, 9, 8, dtype=dtype))
+    out = assert_merged_exact(model, torch.randn(2, channels, 9, 8, dtype=dtype))
     assert count(out, CONVS) == 1
     assert count(out, BNS) == 0
     assert "fold_skip" in [e["kind"] for e in out.meta["fxcompress.events"]]
@@ -427,7 +427,7 @@ def test_projection_shortcut_folds_into_one_conv(
     groups_b = math.gcd(c_in, c_out) if grouped else 1
     torch.manual_seed(1)
     model = Projection(c_in, c_out, kernel, stride, groups_b, bn_a, bn_b).to(dtype).eval()
-    out = merged(model, torch.randn(2, c_in, 10, 11, dtype=dtype))
+    out = assert_merged_exact(model, torch.randn(2, c_in, 10, 11, dtype=dtype))
     assert count(out, CONVS) == 1
     assert count(out, BNS) == 0
 
@@ -452,7 +452,7 @@ def test_cropped_identity_and_pad_branches_fold():
 
     for kind in ("conv(x) + crop(x)", "conv(c) + c", "conv(crop(x)) + crop(x)"):
         model = Cropped(kind).double().eval()
-        out = merged(model, torch.randn(2, 3, 7, 6, dtype=torch.float64))
+        out = assert_merged_exact(model, torch.randn(2, 3, 7, 6, dtype=torch.float64))
         assert count(out, CONVS) == 1, kind
         assert [e["kind"] for e in out.meta["fxcompress.events"]] == ["fold_skip"], kind
 
@@ -512,7 +512,7 @@ def test_a_replaced_module_read_as_an_attribute_keeps_its_weights():
             return self.bn(self.conv(x)), F.conv2d(x, self.conv.weight, self.conv.bias)
 
     model = Net().double().eval()
-    merged(model, torch.randn(1, 3, 5, 5, dtype=torch.float64))
+    assert_merged_exact(model, torch.randn(1, 3, 5, 5, dtype=torch.float64))
 
 
 class Mutating(nn.Module):
@@ -560,7 +560,7 @@ def test_in_place_writes_are_respected(kind):
     model = Mutating(kind).double().eval()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # e.g. torch.fx's "erase_node on an already erased node"
-        merged(model, torch.randn(1, 3, 6, 6, dtype=torch.float64))
+        assert_merged_exact(model, torch.randn(1, 3, 6, 6, dtype=torch.float64))
 
 
 def test_without_recorded_shapes_merges_still_require_not_costlier():
@@ -596,7 +596,7 @@ def test_random_models_float64_and_input_untouched(case):
 @given(models(dtype=torch.float32))
 def test_random_models_float32(case):
     model, x = case
-    merged(model, x)
+    assert_merged_exact(model, x)
 
 
 def test_merged_result_can_be_captured_and_merged_again():
@@ -604,7 +604,7 @@ def test_merged_result_can_be_captured_and_merged_again():
         nn.Conv2d(3, 4, 1), random_bn(4, 1e-3), nn.Conv2d(4, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 1)
     ).double()
     x = torch.randn(1, 3, 7, 7, dtype=torch.float64)
-    once = merged(model, x)
+    once = assert_merged_exact(model, x)
     twice = merge(capture(once, x))
     assert_equivalent(twice, model, x)
     assert count(twice, CONVS) == count(once, CONVS) == 2
