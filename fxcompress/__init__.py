@@ -15,6 +15,7 @@ from .analysis import Analysis, analyze
 from .api import Budget, Plan, make_plan, optimize, relax
 from .canonicalize import canonicalize
 from .capture import capture
+from .distill import Distill
 from .errors import (
     CaptureError,
     FxCompressError,
@@ -33,6 +34,7 @@ __all__ = [
     "Analysis",
     "Budget",
     "CaptureError",
+    "Distill",
     "FxCompressError",
     "InfeasibleBudget",
     "InvalidArgument",
