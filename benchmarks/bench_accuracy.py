@@ -1,8 +1,10 @@
 """Accuracy at measured speed on real data (scikit-learn digits), side by side with alternatives.
 
 For each model (a CIFAR-style ResNet and a MobileNetV2-style network, trained here) and latency
-budget, every method gets the same fine-tuning schedule (:func:`digits.finetune`) and the same
-yardstick: the measured CPU latency of its *deployable* form (BatchNorm folded by
+budget, every compressed model gets the same fine-tuning schedule (:func:`digits.distill`: 4
+epochs at lr 0.01 towards the labels and the original's outputs, ``fxcompress.Distill``;
+``--finetune labels`` uses the labels alone, :func:`digits.finetune`) and the same yardstick:
+the measured CPU latency of its *deployable* form (BatchNorm folded by
 ``optimize(m, 1.0)``) over that of the original's deployable form, one thread, timed by
 :func:`fxcompress.timing.paired_timing` (short runs of the two interleaved, a low quantile of
 each; the spread of the per-pair ratios is reported as a noise gauge) at batch 1, batch 64 and
@@ -67,7 +69,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +119,7 @@ class Settings:
     candidate_steps: int  # SGD steps per candidate, LayerMerge-faithful importance
     candidate_batch: int  # training images per such step
     cache: Path  # trained weights and importance checkpoints
+    finetune: str = "distill"  # "distill" (labels + the original's outputs) or "labels"
 
     @property
     def label(self) -> dict[str, Any]:
@@ -144,15 +147,17 @@ def ratio(ref: nn.Module, model: nn.Module, x: torch.Tensor, pairs: int) -> tupl
 
 
 class FinetuneMemo:
-    """``digits.finetune`` as an ``optimize(finetune=...)`` callback, memoised on the model.
+    """``digits.distill`` (or ``digits.finetune``) as a ``finetune=`` callback, memoised.
 
     Fine-tuning is seeded, so a relaxed model identical to one fine-tuned before (same graph,
     same weights: e.g. ``merge+prune+drop`` planning what ``merge+prune`` planned, or a proxy
     row choosing a main row's plan) gets that result's weights instead of training again.
     """
 
-    def __init__(self, data: digits.DigitsData, epochs: int) -> None:
-        self.data, self.epochs = data, epochs
+    def __init__(
+        self, data: digits.DigitsData, epochs: int, teacher: nn.Module, how: str = "distill"
+    ) -> None:
+        self.data, self.epochs, self.teacher, self.how = data, epochs, teacher, how
         self.done: dict[str, dict[str, torch.Tensor]] = {}
         self.hits = 0
 
@@ -172,7 +177,10 @@ class FinetuneMemo:
             model.eval()
             self.hits += 1
             return
-        digits.finetune(model, self.data, epochs=self.epochs)
+        if self.how == "distill":
+            digits.distill(model, self.teacher, self.data, epochs=self.epochs)
+        else:
+            digits.finetune(model, self.data, epochs=self.epochs)
         self.done[key] = copy.deepcopy(model.state_dict())
 
 
@@ -346,7 +354,7 @@ def run_layer_drop(ctx: Ctx, target: float) -> tuple[nn.Module, str]:
     dropped = [d.chain for d in sol.decisions if d.key == "drop"]
     for name in dropped:
         _set(out, name, _Shortcut(isinstance(model.get_submodule(name), digits.BasicBlock)))
-    digits.finetune(out, ctx.data, epochs=ctx.S.finetune_epochs)
+    ctx.finetune(out)
     return out, f"dropped {len(dropped)}/{len(blocks)}"
 
 
@@ -383,7 +391,7 @@ def run_torch_pruning(ctx: Ctx, target: float) -> tuple[nn.Module, str]:
     if best is None:
         best, note = 0.9, "cannot reach the latency (ratio 0.9)"
     m = _tp_prune(ctx.model, ctx.x1, best)
-    digits.finetune(m, ctx.data, epochs=ctx.S.finetune_epochs)
+    ctx.finetune(m)
     return m, (note or f"ratio {best:.2f}")
 
 
@@ -501,11 +509,14 @@ class Log:
             return None
         if self.settings is not None and row.get("run") != self.settings.run:
             return None  # a quick row never stands in for a full one, nor the reverse
+        if self.settings is not None and row.get("finetune", "labels") != self.settings.finetune:
+            return None  # nor a row fine-tuned another way
         return row
 
     def add(self, row: dict) -> dict:
         if self.settings is not None:
             row["run"] = self.settings.run
+            row["finetune"] = self.settings.finetune
         self.rows[row_key(row)] = row
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as f:  # workers of several models append to the same file
@@ -649,7 +660,8 @@ def run_model(
     x = data.test.x[:1]
     ref_d = deployable(model, x)
     ref_ms = paired_timing(ref_d, ref_d, (x,), pairs=S.pairs, threads=1).a_ms
-    ctx = Ctx(name, data, model, S, ref_d, ref_ms, FinetuneMemo(data, S.finetune_epochs))
+    memo = FinetuneMemo(data, S.finetune_epochs, model, S.finetune)
+    ctx = Ctx(name, data, model, S, ref_d, ref_ms, memo)
     log.after = eta
     if "main" in parts:
         run_main(ctx, budgets, log, train_s)
@@ -774,8 +786,14 @@ def render(rows: list[dict]) -> str:
         "thread, the two timed in interleaved runs in the same process, a low quantile of each "
         "(`fxcompress.timing.paired_timing`); `spread` is the interquartile range of the "
         "per-pair ratios over their median (a noise gauge: the machine is shared). Every "
-        "compressed model gets the same fine-tuning (`digits.finetune`). The baselines aim at "
-        f"the `{TARGET}` row's measured batch-1 ratio (`target`).",
+        "compressed model gets the same fine-tuning: "
+        + (
+            "`digits.distill` (4 epochs at lr 0.01 towards the labels and the original's "
+            "outputs, `fxcompress.Distill`)"
+            if all(r.get("finetune", "labels") == "distill" for r in rows)
+            else "`digits.finetune` (4 epochs at lr 0.01 on the labels)"
+        )
+        + f". The baselines aim at the `{TARGET}` row's measured batch-1 ratio (`target`).",
         "",
     ]
     if runs != ["full"]:
@@ -924,10 +942,17 @@ def main() -> None:
         help="work units run in parallel, one process (and one thread) each (default 2; "
         "--quick: 1, a light smoke run that leaves a busy machine's other core alone)",
     )
+    p.add_argument(
+        "--finetune",
+        choices=("distill", "labels"),
+        default="distill",
+        help="fine-tuning of every compressed model: fxcompress.Distill from the original "
+        "(default) or the labels alone (digits.finetune)",
+    )
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--parts", nargs="+", default=["main", *PROXIES], help=argparse.SUPPRESS)
     args = p.parse_args()
-    S = QUICK if args.quick else FULL
+    S = replace(QUICK if args.quick else FULL, finetune=args.finetune)
     out = args.out or (Path(tempfile.gettempdir()) / "accuracy_quick" if args.quick else RESULTS)
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "accuracy.jsonl"
@@ -1005,6 +1030,7 @@ def main() -> None:
         base = [sys.executable, str(Path(__file__).resolve()), "--worker", "--out", str(out)]
         base += ["--budgets", *map(str, budgets), "--proxy-budgets", *map(str, proxy_budgets)]
         base += ["--quick"] if args.quick else []
+        base += ["--finetune", args.finetune]
         running: list[tuple[tuple[str, str], subprocess.Popen]] = []
         failed = []
         while queue or running:
