@@ -890,12 +890,31 @@ def _optimize_below_one(
     keep: list[_Prepared] = []
     plan = make_plan(model, b, inputs, latency=table, _timings=timings, _keep=keep, **kw_plan)
     goal = plan.budget_ms
+    goal_ratio = goal / plan.original_ms
+    # the accepted band of measured ratios; a re-plan aims inside it, nearer its top (least damage)
+    low_ratio, high_ratio, aim = 0.85 * goal_ratio, 1.05 * goal_ratio, 0.96 * goal_ratio
     original_gm = canonicalize(capture(model, inputs, leaf_modules=kw.get("leaf_modules", ())))
     tried: list[tuple[Plan, fx.GraphModule, fx.GraphModule, float | None]] = []
+    # (planned budget ms, measured ratio): every measurement, plus every budget whose plan turned
+    # out to be one already measured (the DP is deterministic, so its ratio is known for free)
     history: list[tuple[float, float]] = []
-    seen = set()
+    measured_ratio: dict[tuple[Any, ...], float] = {}
+
+    def solve(target: float) -> Plan:
+        try:
+            return _solve(keep[0], target, timings)
+        except InfeasibleBudget as exc:
+            # rounding at the lowest reachable latency: plan the fastest
+            return _solve(keep[0], exc.minimum * plan.original_ms, timings)
+
+    def bracket() -> tuple[float, float] | None:
+        """The nearest two budgets, one measured below the band and one above it."""
+        below = [t for t, r in history if r < low_ratio]
+        above = [t for t, r in history if r > high_ratio]
+        pairs = [(a, c) for a in below for c in above]
+        return min(pairs, key=lambda p: abs(p[0] - p[1])) if pairs else None
+
     for attempt in range(max_replans + 1):
-        seen.add(plan.segments)
         t0 = time.perf_counter()
         relaxed = relax(model, plan, inputs)
         timings["relax"] = timings.get("relax", 0.0) + time.perf_counter() - t0
@@ -913,33 +932,67 @@ def _optimize_below_one(
         original_ms, measured = _paired_latency(table, original_gm, result, inputs)
         timings["measure"] = timings.get("measure", 0.0) + time.perf_counter() - t0
         ratio = measured / original_ms
-        goal_ratio = goal / plan.original_ms
         tried.append((plan, relaxed, result, ratio))
         history.append((plan.budget_ms, ratio))
-        if 0.85 * goal_ratio <= ratio <= 1.05 * goal_ratio or attempt == max_replans:
+        measured_ratio[plan.segments] = ratio
+        if low_ratio <= ratio <= high_ratio or attempt == max_replans:
             break
-        # aim inside the accepted band [0.85, 1.05] x goal, nearer its top (least damage)
-        new_target = _next_target(history, 0.96 * goal_ratio)
-        try:
-            new_plan = _solve(keep[0], min(new_target, plan.original_ms), timings)
-        except InfeasibleBudget as exc:
-            # the prediction says no plan is that fast, but predictions already missed: the
-            # fastest plan is the last one worth measuring
-            new_plan = _solve(keep[0], exc.minimum * plan.original_ms, timings)
-        if new_plan.segments in seen:
+        looser = ratio < low_ratio
+        # Find a budget whose plan was not measured yet (at most 16 probes of the DP, which cost
+        # no measurement):
+        # - once two budgets bracket the band (one measured too fast, one too slow), bisect
+        #   between them: measured latency can jump across the band from one plan to the next,
+        #   where a secant overshoots;
+        # - otherwise, first the secant estimate, then, while the DP answers with a plan already
+        #   measured, geometric steps further the same way, until the budget is clamped at the
+        #   lowest reachable latency or the original one and still gives a measured plan.
+        # A repeated plan's budget joins the history with that plan's ratio, which can close a
+        # bracket or narrow one.
+        lowest = planner.min_latency(keep[0].problem)
+        new_plan: Plan | None = None
+        target, how, step, repeats = 0.0, "secant", 0.05, 0
+        for _probe in range(16):
+            pair = bracket()
+            if pair is not None:
+                if abs(pair[0] - pair[1]) <= 1e-6 * plan.original_ms:
+                    break  # no other plan lies between the two
+                target, how = (pair[0] + pair[1]) / 2, "bisect"
+            elif not repeats:
+                target = _next_target(history, aim)
+            else:
+                target, how = target * (1 + step) if looser else target / (1 + step), "step"
+                step *= 2
+            target = min(max(target, lowest), plan.original_ms)
+            candidate = solve(target)
+            if candidate.segments not in measured_ratio:
+                new_plan = candidate
+                break
+            repeats += 1
+            history.append((target, measured_ratio[candidate.segments]))
+            bound = plan.original_ms if looser else lowest
+            if pair is None and bracket() is None and target == bound:
+                break  # clamped at the bound and still a measured plan: nothing new that way
+        if new_plan is None:
+            logger.info("measured ratio %.3f vs goal %.3f; no other plan to try", ratio, goal_ratio)
             break
         report.replans.append(
             {
                 "measured_ratio": ratio,
                 "goal_ratio": goal_ratio,
                 "new_budget_ms": new_plan.budget_ms,
-                "direction": "tighter" if ratio > goal_ratio else "looser",
+                "direction": "looser" if looser else "tighter",
+                # how the budget was chosen ("secant", "bisect" or "step"), and how many probed
+                # budgets before it gave a plan already measured
+                "how": how,
+                "repeats": repeats,
             }
         )
-        logger.info("measured ratio %.3f vs goal %.3f; re-planning", ratio, goal_ratio)
+        logger.info("measured ratio %.3f vs goal %.3f; re-planning (%s)", ratio, goal_ratio, how)
         plan = new_plan
-    # the least damaging attempt that met the goal (else the fastest one)
-    met = [t for t in tried if t[3] is None or t[3] <= 1.05 * goal / tried[0][0].original_ms]
+    # The least damaging attempt whose measurement met the goal (ratio <= 1.05 x goal), else the
+    # fastest. The band's lower edge only steers the search: an attempt measured below it that
+    # also does less damage than one inside it is better on both counts, so it wins.
+    met = [t for t in tried if t[3] is None or t[3] <= high_ratio]
     if met:
         plan, relaxed, result, ratio = min(met, key=lambda t: (t[0].damage, t[0].predicted_ms))
     else:

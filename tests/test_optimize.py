@@ -362,8 +362,9 @@ def test_a_measured_miss_still_fine_tunes_the_fastest_model(tmp_path, monkeypatc
                 p.mul_(0.5)  # a visible change the merged result must carry
 
     with pytest.raises(fxcompress.InfeasibleBudget, match="missed on measurement") as info:
-        fxcompress.optimize(_net(), 0.8, example_inputs=X, latency=table, max_replans=1,
-                            finetune=finetune)
+        fxcompress.optimize(
+            _net(), 0.8, example_inputs=X, latency=table, max_replans=1, finetune=finetune
+        )
     (relaxed,) = tuned
     assert not relaxed.training
     # the exception's model is the merge of the fine-tuned relaxed model, not the untuned one
@@ -424,5 +425,160 @@ def test_methods_and_budget_kinds_that_do_not_fit_are_named(methods, budget, mat
 def test_calibration_batches_of_another_shape_are_named() -> None:
     data = [torch.randn(2, 3, 16, 16), torch.randn(2, 3, 12, 16)]
     with pytest.raises(fxcompress.InvalidArgument, match=r"data batch 1, input 0 has shape"):
-        fxcompress.make_plan(_net(), 0.6, example_inputs=torch.randn(1, 3, 16, 16), data=data,
-                             latency="flops")
+        fxcompress.make_plan(
+            _net(), 0.6, example_inputs=torch.randn(1, 3, 16, 16), data=data, latency="flops"
+        )
+
+
+def _measured_by_plan(monkeypatch, ratio_of_plan) -> list[fxcompress.Plan]:
+    """Fake timing: a plan's result measures ``ratio_of_plan(plan)``; returns the plans measured."""
+    import fxcompress.api as api
+
+    measured: list[fxcompress.Plan] = []
+    real_relax = api.relax
+
+    def relax(model, plan, example_inputs=None):
+        measured.append(plan)  # the closed loop relaxes each plan right before timing it
+        return real_relax(model, plan, example_inputs)
+
+    monkeypatch.setattr(api, "relax", relax)
+    # make_plan's baseline pair (original vs exactly merged) measures 1.0
+    _fake_timing(monkeypatch, lambda a, b: ratio_of_plan(measured[-1]) if measured else 1.0)
+    return measured
+
+
+@pytest.fixture(scope="module")
+def scores_dir(tmp_path_factory) -> str:
+    """One importance cache for the closed-loop tests below: the net is scored once."""
+    return str(tmp_path_factory.mktemp("scores"))
+
+
+@pytest.fixture(scope="module")
+def every_plan(scores_dir) -> tuple[_Prepared, list[tuple[float, fxcompress.Plan]]]:
+    """Brute force over budgets: the distinct plans of ``_net`` with ``_PredictingTable`` (timed as
+    by ``_measured_by_plan``), each with the lowest budget fraction on a fine grid giving it."""
+    with pytest.MonkeyPatch.context() as mp:
+        _fake_timing(mp, lambda a, b: 1.0)
+        keep: list[_Prepared] = []
+        table = _PredictingTable(mode="flops")
+        make_plan(_net(), 0.9, X, latency=table, cache_dir=scores_dir, _keep=keep)
+    prep = keep[0]
+    low = planner.min_latency(prep.problem)
+    found: dict[tuple, tuple[float, fxcompress.Plan]] = {}
+    for i in range(401):
+        target = low + (prep.original - low) * i / 400
+        plan = _solve(prep, target, {})
+        found.setdefault(plan.segments, (target / prep.original, plan))
+    return prep, sorted(found.values(), key=lambda fp: fp[0])
+
+
+def _optimize_measured(budget: float, cache_dir: str, max_replans: int) -> fxcompress.Report:
+    table = _PredictingTable(mode="flops")
+    out = fxcompress.optimize(
+        _net(),
+        budget,
+        example_inputs=X,
+        latency=table,
+        cache_dir=cache_dir,
+        max_replans=max_replans,
+        progress=False,
+    )
+    return out.meta["fxcompress"]
+
+
+def _in_band(ratio: float, budget: float) -> bool:
+    return 0.85 * budget <= ratio <= 1.05 * budget
+
+
+@pytest.mark.parametrize("budget", [0.3, 0.5])
+def test_closed_loop_loosens_when_every_plan_measures_faster_than_predicted(
+    budget, every_plan, scores_dir, monkeypatch
+) -> None:
+    _, plans = every_plan
+
+    def fast(plan: fxcompress.Plan) -> float:
+        return 0.6 * plan.predicted_ms / plan.original_ms
+
+    measured = _measured_by_plan(monkeypatch, fast)
+    report = _optimize_measured(budget, scores_dir, max_replans=3)
+    assert fast(measured[0]) < 0.85 * budget  # the first plan measures below the band
+    assert report.replans[0]["direction"] == "looser"
+    assert len(report.replans) == len(measured) - 1
+    assert len({p.segments for p in measured}) == len(measured), "a plan was measured twice"
+    assert _in_band(report.ratio, budget) or len(measured) == 3 + 1
+    if any(_in_band(fast(p), budget) for _, p in plans):
+        assert _in_band(report.ratio, budget)
+
+
+def test_closed_loop_steps_past_a_plan_already_measured(every_plan, scores_dir, monkeypatch):
+    prep, plans = every_plan
+    grid = (1 - planner.min_latency(prep.problem) / prep.original) / 400
+    # the widest stretch of budgets giving one plan (not the fastest plan: its budget is the
+    # lowest reachable, where rounding may make the goal infeasible)
+    (goal, first), (after, _) = max(
+        itertools.pairwise(plans[1:]), key=lambda pair: pair[1][0] / pair[0][0]
+    )
+    predicted = first.predicted_ms / first.original_ms
+    # every plan measures k x its predicted ratio, k such that the first plan measures below the
+    # band, and that the secant's looser budget, goal * 0.96 goal / (k predicted), stays in the
+    # stretch: the DP answers it with the plan just measured
+    secant = (1.13 * goal + after - grid) / 2
+    k = 0.96 * goal * goal / (predicted * secant)
+    assert 1.13 * goal < after - grid
+    assert k * predicted < 0.85 * goal
+    assert _solve(prep, secant * prep.original, {}).segments == first.segments
+
+    def fast(plan: fxcompress.Plan) -> float:
+        return k * plan.predicted_ms / plan.original_ms
+
+    measured = _measured_by_plan(monkeypatch, fast)
+    report = _optimize_measured(goal, scores_dir, max_replans=3)
+    assert measured[0].segments == first.segments
+    # the loop used to stop here, returning the plan measured below the band
+    assert len(measured) >= 2
+    assert report.replans[0]["how"] == "step"
+    assert report.replans[0]["repeats"] >= 1
+    assert report.replans[0]["direction"] == "looser"
+    assert report.replans[0]["new_budget_ms"] > secant * prep.original
+    assert len(report.replans) == len(measured) - 1
+    assert len({p.segments for p in measured}) == len(measured), "a plan was measured twice"
+    assert any(_in_band(fast(p), goal) for _, p in plans)
+    assert _in_band(report.ratio, goal)
+    assert report.to_dict()["replans"] == json.loads(report.to_json())["replans"]
+
+
+def test_closed_loop_bisects_when_the_measured_curve_jumps_across_the_band(
+    every_plan, scores_dir, monkeypatch
+) -> None:
+    _, plans = every_plan
+    # Plan i is the only one measured in the band; those before it measure 0.8 x goal (too fast),
+    # those after 2 x goal (too slow). The goal is plan i-1's lowest budget, so the secant from
+    # its measurement aims at 1.2 x goal, past plan i+1: the measurement jumps across the band.
+    candidates = [
+        j
+        for j in range(2, len(plans) - 1)
+        if plans[j + 1][0] < 1.19 * plans[j - 1][0] and plans[j][1].damage < plans[j - 1][1].damage
+    ]
+    assert candidates
+    # the band plan's stretch of budgets narrowest relative to its neighbour's: hardest to hit
+    i = max(candidates, key=lambda j: plans[j][0] / plans[j - 1][0])
+    goal = plans[i - 1][0]
+    start, stop = plans[i][1].predicted_ms, plans[i + 1][1].predicted_ms
+
+    def step_like(plan: fxcompress.Plan) -> float:
+        if plan.predicted_ms < start:
+            return 0.8 * goal
+        return goal if plan.predicted_ms < stop else 2 * goal
+
+    measured = _measured_by_plan(monkeypatch, step_like)
+    report = _optimize_measured(goal, scores_dir, max_replans=4)
+    ratios = [step_like(p) for p in measured]
+    assert ratios[:2] == [0.8 * goal, 2 * goal]  # below the band, then above it
+    hows = [r["how"] for r in report.replans]
+    assert hows[0] == "secant"
+    assert len(hows) >= 2
+    assert set(hows[1:]) == {"bisect"}
+    assert len({p.segments for p in measured}) == len(measured), "a plan was measured twice"
+    assert any(_in_band(step_like(p), goal) for _, p in plans)  # brute force: a plan fits
+    assert _in_band(report.ratio, goal)
+    assert report.damage == plans[i][1].damage
