@@ -860,8 +860,11 @@ def _next_target(history: list[tuple[float, float]], aim: float) -> float:
     """The budget (ms) to plan for next so the measured ratio lands on ``aim``.
 
     ``history`` holds (planned budget ms, measured ratio) of every attempt. Between two attempts
-    that bracket ``aim`` the budget is interpolated linearly; otherwise it is scaled from the
-    attempt closest to ``aim`` in proportion to its miss.
+    that bracket ``aim`` the budget is interpolated linearly. Otherwise, the two attempts closest
+    to ``aim`` extrapolate along their line when the ratio grows with the budget (the measured
+    latency has a part no plan removes, so proportional steps fall short), at most four times
+    as far as the proportional step; with one attempt, or a line that does not rise, the
+    closest attempt is scaled in proportion to its miss.
     """
     below = [h for h in history if h[1] <= aim]
     above = [h for h in history if h[1] > aim]
@@ -869,8 +872,16 @@ def _next_target(history: list[tuple[float, float]], aim: float) -> float:
         (t0, r0), (t1, r1) = max(below, key=lambda h: h[1]), min(above, key=lambda h: h[1])
         if r1 > r0:
             return t0 + (t1 - t0) * (aim - r0) / (r1 - r0)
-    target, ratio = min(history, key=lambda h: abs(h[1] - aim))
-    return target * aim / ratio
+    near = sorted(history, key=lambda h: abs(h[1] - aim))
+    target, ratio = near[0]
+    proportional = target * aim / ratio
+    other = next((h for h in near[1:] if h[0] != target), None)
+    if other is not None and (other[1] - ratio) / (other[0] - target) > 0:
+        slope = (other[1] - ratio) / (other[0] - target)
+        step = (aim - ratio) / slope
+        reach = 4 * abs(proportional - target)
+        return target + max(-reach, min(reach, step))
+    return proportional
 
 
 def _optimize_below_one(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import assume, given
+from hypothesis import assume, example, given
 from hypothesis import strategies as st
 from torch import nn
 
@@ -52,10 +52,32 @@ def test_next_target_interpolates_between_bracketing_attempts(history, aim) -> N
         (t0, _r0), (t1, _r1) = max(below, key=lambda h: h[1]), min(above, key=lambda h: h[1])
         assert min(t0, t1) - 1e-9 <= got <= max(t0, t1) + 1e-9
     else:
-        # no bracket: scale the nearest attempt by its miss (tighter when it was too slow)
-        t, r = min(history, key=lambda h: abs(h[1] - aim))
-        assert got == pytest.approx(t * aim / r)
+        # no bracket: move from the nearest attempt towards aim (tighter when it was too slow),
+        # by its proportional step, or along a rising line through two attempts (at most 4x that)
+        t, r = sorted(history, key=lambda h: abs(h[1] - aim))[0]
+        proportional = t * aim / r
+        assert abs(got - t) <= 4 * abs(proportional - t) + 1e-9 * t
         assert (got <= t) == (r >= aim) or got == pytest.approx(t)
+        if len({h[0] for h in history}) == 1:
+            assert got == pytest.approx(proportional)
+
+
+@given(st.floats(0.2, 0.6), st.floats(0.1, 2.0), st.floats(0.05, 0.2), st.floats(10.0, 50.0))
+@example(offset=0.5, slope=0.5, aim=0.1, t0=10.0)  # the closest attempt is 4x short: clamped
+def test_next_target_extrapolates_a_rising_line_on_one_side(offset, slope, aim, t0) -> None:
+    # measured ratio = offset + slope * target / 100: a part of the latency no plan removes, so
+    # scaling in proportion falls short; two attempts above aim extrapolate down their line
+    def r(t: float) -> float:
+        return offset + slope * t / 100
+
+    history = [(t0 * 2, r(t0 * 2)), (t0, r(t0))]
+    assume(aim < r(0.0) + slope * t0 / 100 * 0.999)
+    got = _next_target(history, aim)
+    exact = (aim - offset) * 100 / slope
+    proportional = t0 * aim / r(t0)
+    assert proportional > exact  # proportional steps would stop short of aim
+    reach = 4 * abs(proportional - t0)
+    assert got == pytest.approx(exact if t0 - exact <= reach else t0 - reach)
 
 
 @given(st.floats(0.5, 2.0), st.floats(0.1, 0.9), st.floats(10.0, 50.0))
