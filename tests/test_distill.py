@@ -169,3 +169,21 @@ def test_optimize_takes_it_as_its_finetune_step() -> None:
     # same plan, so the fine-tuned result differs only by training; it is closer to the teacher
     assert plain.meta["fxcompress"].decisions == tuned.meta["fxcompress"].decisions
     assert _kl(tuned, teacher, batches) < _kl(plain, teacher, batches)
+
+
+def test_it_also_serves_as_the_per_candidate_finetune_of_importance_scoring() -> None:
+    teacher, batches = _teacher(), _batches()
+    weights = copy.deepcopy(teacher.state_dict())
+    plain = fxcompress.make_plan(teacher, 0.7, data=batches, latency="flops", progress=False)
+    tuned = fxcompress.make_plan(
+        teacher,
+        0.7,
+        data=batches,
+        latency="flops",
+        progress=False,
+        candidate_finetune=Distill(teacher, batches, epochs=3, alpha=1.0, kind="mse"),
+    )
+    # each candidate was trained towards the teacher's outputs on the scoring batches before its
+    # output-fidelity damage was measured, so the best plan's damage shrinks
+    assert tuned.damage < plain.damage or plain.damage == 0.0
+    assert all(torch.equal(weights[k], v) for k, v in teacher.state_dict().items())
