@@ -32,21 +32,27 @@ from fxcompress.api import _Prepared, make_plan
 RESULTS = Path(__file__).parent / "results"
 
 
-def run_one(name: str, batch: int, budget: float, size: int, latency: str, cache: str) -> dict:
+def run_one(name: str, batch: int, budget: float, size: int, latency: str, cache: str,
+            max_replans: int | None = None) -> dict:
     torch.manual_seed(0)
     model = torchvision.models.get_model(name, weights=None).eval()
     x = torch.randn(batch, 3, size, size)
     g = torch.Generator().manual_seed(1)  # the same 64 calibration images for every run
     calib = [torch.randn(16, 3, size, size, generator=g) for _ in range(4)]
     t0 = time.perf_counter()
+    extra = {} if max_replans is None else {"max_replans": max_replans}
     try:
         out = fxcompress.optimize(model, budget, example_inputs=x, data=calib, latency=latency,
                                   cache_dir=cache, progress=False, calibration_batches=4,
-                                  importance_checkpoint=f"{cache}/importance-{name}-{size}.json")
+                                  importance_checkpoint=f"{cache}/importance-{name}-{size}.json",
+                                  **extra)
     except fxcompress.InfeasibleBudget as exc:
         # exc.result is set when only the measurement (not the prediction) missed the budget
-        return {"model": name, "batch": batch, "budget": budget, "infeasible": exc.minimum,
-                "measured_miss": exc.result is not None}
+        row = {"model": name, "batch": batch, "budget": budget, "infeasible": exc.minimum,
+               "measured_miss": exc.result is not None, **extra}
+        if exc.result is not None:
+            row["replan_trace"] = _trace(exc.result.meta["fxcompress"])
+        return row
     wall = time.perf_counter() - t0
     r = out.meta["fxcompress"]
     return {
@@ -61,7 +67,14 @@ def run_one(name: str, batch: int, budget: float, size: int, latency: str, cache
         "segments": sum(1 for d in r.decisions if d["key"] != "keep"),
         "stages": {k: round(v, 2) for k, v in r.stage_seconds.items()},
         "wall_s": round(wall, 1),
+        "replan_trace": _trace(r),
+        **extra,
     }
+
+
+def _trace(report: fxcompress.Report) -> list[list]:
+    """Each re-plan's (measured ratio that caused it, how the next budget was chosen)."""
+    return [[round(e["measured_ratio"], 3), e.get("how", "secant")] for e in report.replans]
 
 
 def end_to_end_resnet34(size: int) -> dict:
@@ -103,6 +116,8 @@ def main() -> None:
     ap.add_argument("--cache-dir", default=str(RESULTS.parent / ".cache"))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-e2e", action="store_true")
+    ap.add_argument("--max-replans", type=int, default=None,
+                    help="optimize's max_replans (default: the library's default)")
     ap.add_argument("--out", default=str(RESULTS / "depth.md"))
     ap.add_argument("--from-log", help="render the tables from a log of this script's JSON lines")
     ap.add_argument("--log", help="append each row to this JSON-lines log and render the whole log "
@@ -120,7 +135,8 @@ def main() -> None:
     for name in args.models:
         for batch in args.batches:
             for budget in args.budgets:
-                row = run_one(name, batch, budget, args.size, args.latency, args.cache_dir)
+                row = run_one(name, batch, budget, args.size, args.latency, args.cache_dir,
+                              args.max_replans)
                 print(json.dumps(row), flush=True)
                 append_log(log, row)
                 rows.append(row)
@@ -185,7 +201,7 @@ def write_markdown(rows: list[dict], e2e: dict | None, args: argparse.Namespace)
         lines.append(
             f"| {r['model']} | {r['batch']} | {r['budget']} | {m:.3f} | "
             f"{r['predicted_ratio']:.3f} | {'yes' if ok else 'NO'} | {r['segments']} | "
-            f"{r['replans']} | {r['wall_s']} | {r['stages']} |"
+            f"{r['replans']}{_replans_detail(r)} | {r['wall_s']} | {r['stages']} |"
         )
     if e2e:
         lines += ["", "## ResNet-34 end to end (batch 1, budget 0.6)", "",
@@ -193,6 +209,16 @@ def write_markdown(rows: list[dict], e2e: dict | None, args: argparse.Namespace)
                   f"DP alone: {e2e['dp_s']} s"]
     Path(args.out).write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out}")
+
+
+def _replans_detail(r: dict) -> str:
+    """`` (of max N): 0.71 secant, 0.45 bisect`` when the row recorded them."""
+    parts = []
+    if "max_replans" in r:
+        parts.append(f"of max {r['max_replans']}")
+    if r.get("replan_trace"):
+        parts.append(", ".join(f"{m} {how}" for m, how in r["replan_trace"]))
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 def write_plot(rows: list[dict], path: Path) -> None:
