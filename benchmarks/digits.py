@@ -294,7 +294,6 @@ def train(
     thread count are restored afterwards and the model is left in eval mode. One thread by
     default: on a shared 2-core machine, two threads run these small layers many times slower.
     """
-    g = torch.Generator().manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
     n = len(data.train)
@@ -305,15 +304,9 @@ def train(
     with torch.random.fork_rng(devices=[]), num_threads(threads):
         torch.manual_seed(seed)
         model.train()
+        batches = TrainBatches(data, batch_size, seed, augment=augment)
         for _ in range(epochs):
-            order = torch.randperm(n, generator=g)
-            for i in range(0, n, batch_size):
-                idx = order[i : i + batch_size]
-                if len(idx) < 2:  # BatchNorm needs two samples
-                    continue
-                x, y = data.train.x[idx], data.train.y[idx]
-                if augment:
-                    x = _augment(x, g)
+            for x, y in batches:
                 loss = F.cross_entropy(model(x), y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -337,8 +330,10 @@ class TrainBatches:
     epochs; two instances with equal arguments yield the same passes in the same order.
     """
 
-    def __init__(self, data: DigitsData, batch_size: int = 64, seed: int = 0) -> None:
-        self.data, self.batch_size = data, batch_size
+    def __init__(
+        self, data: DigitsData, batch_size: int = 64, seed: int = 0, *, augment: bool = True
+    ) -> None:
+        self.data, self.batch_size, self.augment = data, batch_size, augment
         self.g = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
@@ -350,7 +345,8 @@ class TrainBatches:
             idx = order[i : i + self.batch_size]
             if len(idx) < 2:  # BatchNorm needs two samples
                 continue
-            yield _augment(self.data.train.x[idx], self.g), self.data.train.y[idx]
+            x = self.data.train.x[idx]
+            yield (_augment(x, self.g) if self.augment else x), self.data.train.y[idx]
 
 
 def distill(
