@@ -22,12 +22,19 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from . import planner
+from . import planner, selection
 from .analysis import Analysis, Residual, analyze
 from .canonicalize import canonicalize
 from .capture import capture, normalize_inputs, propagate_shapes
 from .errors import InfeasibleBudget, InvalidArgument, RewriteError
-from .importance import Calibration, Candidate, fingerprint, score_candidates
+from .importance import (
+    Calibration,
+    Candidate,
+    evaluate,
+    fingerprint,
+    reference_outputs,
+    score_candidates,
+)
 from .latency import LatencyTable, OpSpec
 from .merge import merge
 from .planning import (
@@ -444,7 +451,17 @@ def _solve(prep: _Prepared, target: float, timings: dict[str, float]) -> Plan:
         ) from exc
     front = planner.pareto_front(prep.problem, resolution=min(prep.resolution, 400))
     timings["plan"] = timings.get("plan", 0.0) + time.perf_counter() - t0
+    return _plan_of(prep, solution, target, tuple(front))
 
+
+def _plan_of(
+    prep: _Prepared,
+    solution: planner.Solution,
+    target: float,
+    front: tuple[tuple[float, float], ...],
+) -> Plan:
+    """The :class:`Plan` of a planner solution for the budget ``target`` (ms)."""
+    original = prep.original
     pruned_of = {o.id: o.pruned for o in prep.options}
     segs = [
         (
@@ -468,7 +485,7 @@ def _solve(prep: _Prepared, target: float, timings: dict[str, float]) -> Plan:
         original_ms=original,
         damage=solution.damage,
         leaf_modules=prep.leaf_modules,
-        front=tuple(front),
+        front=front,
         segment_ms=tuple(_segment_ms(prep.problem, d) for d in solution.decisions),
     )
 
@@ -604,6 +621,8 @@ def optimize(
     candidate_finetune: Callable[[fx.GraphModule], None] | None = None,
     leaf_modules: Sequence[str] = (),
     max_replans: int = 3,
+    plan_candidates: int = 1,
+    trial_finetune: Callable[[fx.GraphModule], None] | None = None,
 ) -> fx.GraphModule:
     """Compress ``model`` to at most ``budget`` of its latency and return a GraphModule.
 
@@ -660,6 +679,17 @@ def optimize(
     max_replans : int
         Closed loop: if the measured latency misses the budget by more than 5 %, re-plan with a
         tighter budget at most this many times.
+    plan_candidates : int
+        With ``k > 1``, the planner's best plan and up to ``k - 1`` runners-up (each the best
+        plan avoiding one of its choices, :func:`fxcompress.planner.alternatives`) that also
+        measure within the budget are each trained by ``trial_finetune``, and the plan whose
+        trained network scores best on the calibration batches (``loss_fn``, else output
+        fidelity) is kept; see :mod:`fxcompress.selection`. Plans of nearly equal planned damage
+        can end far apart after fine-tuning, and this is the way to tell them apart.
+    trial_finetune : callable, optional
+        ``trial_finetune(relaxed)`` for ``plan_candidates > 1``, typically a shorter version of
+        ``finetune`` (e.g. ``Distill(..., epochs=1)``). By default ``finetune`` itself, whose
+        result for the kept plan is then used directly.
 
     Returns
     -------
@@ -695,6 +725,7 @@ def optimize(
             f"(type={type(model).__name__})"
         )
     methods = _check_methods(methods, b)
+    trial = _check_trial(plan_candidates, trial_finetune, finetune, methods)
     inputs = _inputs_for(example_inputs, data)
     table = _latency_table(latency, device or _device_of(model), cache_dir, progress)
     if methods == ("lowrank",):
@@ -747,6 +778,8 @@ def optimize(
             candidate_finetune=candidate_finetune,
             leaf_modules=leaf_modules,
             max_replans=max_replans,
+            plan_candidates=plan_candidates,
+            trial=trial,
             report=report,
             timings=timings,
         )
@@ -778,6 +811,44 @@ def optimize(
     result.meta["fxcompress"] = report
     logger.info("optimize done: %s", report.to_markdown().splitlines()[4:6])
     return result
+
+
+def _check_trial(
+    plan_candidates: Any,
+    trial_finetune: Any,
+    finetune: Any,
+    methods: tuple[str, ...],
+) -> Callable[[fx.GraphModule], None] | None:
+    """The trial fine-tune to choose among ``plan_candidates`` plans with (None: no choice)."""
+    if isinstance(plan_candidates, bool) or not isinstance(plan_candidates, int):
+        raise InvalidArgument(
+            f"plan_candidates must be a positive int, got {plan_candidates!r} "
+            f"(type={type(plan_candidates).__name__}); 1 keeps the planner's best plan"
+        )
+    if plan_candidates < 1:
+        raise InvalidArgument(
+            f"plan_candidates must be >= 1, got {plan_candidates}; 1 keeps the planner's best plan"
+        )
+    for name, fn in (("trial_finetune", trial_finetune), ("finetune", finetune)):
+        if fn is not None and not callable(fn):
+            raise InvalidArgument(
+                f"{name} must be a callable taking the relaxed GraphModule, got {fn!r:.80}"
+            )
+    if plan_candidates == 1:
+        return None
+    if methods == ("lowrank",):
+        raise InvalidArgument(
+            f"plan_candidates={plan_candidates} chooses among depth-compression plans; "
+            "methods=('lowrank',) has none to choose from: leave plan_candidates=1"
+        )
+    trial = trial_finetune if trial_finetune is not None else finetune
+    if trial is None:
+        raise InvalidArgument(
+            f"plan_candidates={plan_candidates} needs trial_finetune= (or finetune=): the plans "
+            "are told apart by training each briefly; untrained, the planner's damage already "
+            "ranks them"
+        )
+    return trial
 
 
 def _optimize_lowrank(
@@ -893,6 +964,8 @@ def _optimize_below_one(
     finetune: Callable[[fx.GraphModule], None] | None,
     check: bool,
     max_replans: int,
+    plan_candidates: int,
+    trial: Callable[[fx.GraphModule], None] | None,
     report: Report,
     timings: dict[str, float],
     **kw: Any,
@@ -1024,12 +1097,105 @@ def _optimize_below_one(
             minimum=ratio,
             result=result,
         )
+    trained = None
+    if trial is not None:
+        plan, relaxed, result, ratio, trained = _choose_by_trial(
+            model,
+            (plan, relaxed, result, ratio),
+            inputs,
+            keep[0],
+            count=plan_candidates,
+            trial=trial,
+            table=table,
+            original_gm=original_gm,
+            limit=high_ratio,
+            check=check,
+            report=report,
+            timings=timings,
+            data=kw.get("data"),
+            loss_fn=kw.get("loss_fn"),
+            calibration_batches=kw.get("calibration_batches", 4),
+            progress=kw.get("progress"),
+        )
     if ratio is not None:
         report.final_ms = ratio * plan.original_ms
-    if finetune is not None:
+    if trained is not None and (finetune is None or finetune is trial):
+        # the kept plan's trial fine-tune is the fine-tune (or the only training asked for)
+        relaxed, result = trained, merge(trained)
+        if check:
+            report.max_rel_error = _check(relaxed, result, inputs, "merge of the trained model")
+    elif finetune is not None:
         relaxed, result = _finetuned(model, plan, inputs, finetune, check, report, timings)
-        if table.mode == "measure":
-            original_gm = canonicalize(capture(model, inputs))
-            o, f = _paired_latency(table, original_gm, result, inputs)
-            report.final_ms = f / o * plan.original_ms
+    if (trained is not None or finetune is not None) and table.mode == "measure":
+        original_gm = canonicalize(capture(model, inputs))
+        o, f = _paired_latency(table, original_gm, result, inputs)
+        report.final_ms = f / o * plan.original_ms
     return result, relaxed, plan
+
+
+def _choose_by_trial(
+    model: nn.Module,
+    chosen: tuple[Plan, fx.GraphModule, fx.GraphModule, float | None],
+    inputs: tuple[Any, ...],
+    prep: _Prepared,
+    *,
+    count: int,
+    trial: Callable[[fx.GraphModule], None],
+    table: LatencyTable,
+    original_gm: fx.GraphModule,
+    limit: float,
+    check: bool,
+    report: Report,
+    timings: dict[str, float],
+    data: Iterable[Any] | None,
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None,
+    calibration_batches: int,
+    progress: bool | None,
+) -> tuple[Plan, fx.GraphModule, fx.GraphModule, float | None, fx.GraphModule]:
+    """The plan kept among ``chosen`` and its runners-up by a trial fine-tune of each.
+
+    Returns the kept plan, its (untrained) relaxed and merged networks, its measured ratio and
+    its trial-trained relaxed network.
+    """
+    t0 = time.perf_counter()
+    plan, relaxed, result, ratio = chosen
+    solutions = planner.alternatives(
+        prep.problem, plan.budget_ms, count, resolution=prep.resolution
+    )
+    plans = [plan, *(_plan_of(prep, s, plan.budget_ms, plan.front) for s in solutions[1:])]
+    ratios: list[float | None] = [ratio]
+    for other in plans[1:]:
+        merged = merge(relax(model, other, inputs))
+        if table.mode == "measure":
+            original_ms, measured = _paired_latency(table, original_gm, merged, inputs)
+            ratios.append(measured / original_ms)
+        else:
+            ratios.append(None)
+    calib = Calibration.from_data(data, inputs, max_batches=calibration_batches)
+    loss = loss_fn if calib.targets[0] is not None else None
+    reference = reference_outputs(original_gm, calib)
+    picked = selection.choose(
+        plans,
+        ratios,
+        limit=limit,
+        describe=lambda p: (p.damage, p.predicted_ms),
+        relax=lambda p: relax(model, p, inputs),
+        trial=trial,
+        score=lambda net: evaluate(net, calib, reference, loss),
+        progress=progress,
+    )
+    report.trials = [t.to_dict() for t in picked.trials]
+    logger.info(
+        "kept plan %d of %d after trial fine-tunes (scores %s)",
+        picked.index,
+        len(plans),
+        [t.score for t in picked.trials],
+    )
+    if picked.index != 0:
+        plan, ratio = picked.plan, ratios[picked.index]
+        relaxed = relax(model, plan, inputs)
+        result = merge(relaxed)
+        if check:
+            report.max_rel_error = _check(relaxed, result, inputs, "merge of the kept plan")
+    timings["select"] = time.perf_counter() - t0
+    return plan, relaxed, result, ratio, picked.trained

@@ -241,17 +241,36 @@ def _remote_damage(
     """Score one relaxed model from scratch (used with a user-supplied executor)."""
     if isinstance(relaxed, _Packed):
         relaxed = relaxed.load()
+    value = evaluate(relaxed, calib, reference, loss_fn)
+    return max(0.0, value - base_loss) if loss_fn is not None else value
+
+
+def evaluate(
+    model: Callable[..., Any],
+    calib: Calibration,
+    reference: Sequence[Sequence[torch.Tensor]],
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None,
+) -> float:
+    """The mean calibration loss of ``model`` with ``loss_fn``, else the relative squared error
+    ``sum ||model(x) - ref||^2 / sum ||ref||^2`` of its outputs against ``reference`` (the
+    flattened outputs of the original network, one list per calibration batch)."""
     err = ref = loss = 0.0
     with torch.no_grad():
         for i, (x, y) in enumerate(zip(calib.inputs, calib.targets)):
-            out = relaxed(*x)
+            out = model(*x)
             if loss_fn is not None:
                 loss += float(loss_fn(out, y)) / len(calib.inputs)
                 continue
             for a, b in zip(_flat(out), reference[i]):
                 err += float((a.double() - b.double()).pow(2).sum())
                 ref += float(b.double().pow(2).sum())
-    return max(0.0, loss - base_loss) if loss_fn is not None else err / max(ref, 1e-30)
+    return loss if loss_fn is not None else err / max(ref, 1e-30)
+
+
+def reference_outputs(model: Callable[..., Any], calib: Calibration) -> list[list[torch.Tensor]]:
+    """The flattened outputs of ``model`` on every calibration batch (for :func:`evaluate`)."""
+    with torch.no_grad():
+        return [[t.detach() for t in _flat(model(*x))] for x in calib.inputs]
 
 
 def score_candidates(

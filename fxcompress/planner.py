@@ -96,6 +96,7 @@ __all__ = [
     "Problem",
     "Segment",
     "Solution",
+    "alternatives",
     "min_latency",
     "pareto_front",
     "solve",
@@ -907,20 +908,107 @@ damage=0.7, budget=2.0)
         tables = _full_range(problem, idx, ext, resolution)
         cap = len(tables.final) - 1
         return _make_solution(problem, _track(tables, _best_bins(tables.final, cap)), budget)
+    grid = _grid(problem, idx, budget, resolution)
+    if grid is None:
+        solution = _make_solution(problem, ext.min_picks, budget)
+        assert solution.latency <= budget, "the fastest configuration must fit a budget >= it"
+        return solution
+    bins, cap = grid
+    tables = _run_dp(idx, bins, cap)
+    solution = _make_solution(problem, _track(tables, _best_bins(tables.final, cap)), budget)
+    # exact: sum(latency) <= sum(bins) * room / cap <= room, and fsum rounds monotonically
+    assert solution.latency <= budget, "rounded-up latencies must fit the budget"
+    return solution
+
+
+def _grid(
+    problem: Problem, idx: _Index, budget: float, resolution: int
+) -> tuple[list[int], int] | None:
+    """The bins of every option and the capacity :func:`solve` plans with for a finite budget
+    ``>= min_latency``: the first of ``resolution`` and its doublings in which some
+    configuration fits, or None if none does (then the fastest configuration is the answer)."""
     room = Fraction(budget) - Fraction(problem.fixed_latency)  # >= 0 as budget >= lowest
     for doubling in range(_RETRIES + 1):
         cap = resolution << doubling
         bins = _bins(idx, room / cap, cap)
-        if _min_bins(idx, bins, cap) > cap:
-            continue
-        tables = _run_dp(idx, bins, cap)
-        solution = _make_solution(problem, _track(tables, _best_bins(tables.final, cap)), budget)
-        # exact: sum(latency) <= sum(bins) * room / cap <= room, and fsum rounds monotonically
-        assert solution.latency <= budget, "rounded-up latencies must fit the budget"
-        return solution
-    solution = _make_solution(problem, ext.min_picks, budget)
-    assert solution.latency <= budget, "the fastest configuration must fit a budget >= its latency"
-    return solution
+        if _min_bins(idx, bins, cap) <= cap:
+            return bins, cap
+    return None
+
+
+def alternatives(
+    problem: Problem, budget: float, count: int, *, resolution: int = 2000
+) -> tuple[Solution, ...]:
+    """Return :func:`solve`'s answer and up to ``count - 1`` distinct runners-up.
+
+    A runner-up is the least-damage configuration within the budget that avoids one of the
+    choices of the best configuration (the dynamic programme re-run with that choice forbidden,
+    on the same time grid as :func:`solve`). Every choice of the best configuration is forbidden
+    in turn; the distinct answers are returned by increasing ``(damage, latency)`` after the best
+    one. They are the plans a caller can tell apart by something the damage model does not see,
+    for example a short fine-tuning of each.
+
+    Parameters
+    ----------
+    problem : Problem
+    budget : float
+        As for :func:`solve` (finite).
+    count : int
+        At most this many solutions are returned (``>= 1``); fewer when the problem has fewer
+        distinct neighbours.
+    resolution : int
+        As for :func:`solve`.
+
+    Returns
+    -------
+    tuple of Solution
+        ``result[0] == solve(problem, budget, resolution=resolution)``; every solution fits
+        the budget and no two have the same decisions.
+
+    Raises
+    ------
+    InfeasibleBudget, InvalidArgument
+        As for :func:`solve`; also if ``count`` is not a positive int or ``budget`` is ``inf``.
+
+    Examples
+    --------
+    >>> a = Segment(0, 1, [Choice("keep", 2.0, 0.0), Choice("thin", 1.0, 0.2)])
+    >>> b = Segment(1, 2, [Choice("keep", 2.0, 0.0), Choice("thin", 1.0, 0.5)])
+    >>> problem = Problem([Chain("c", 2, [a, b])])
+    >>> [[d.key for d in s.decisions] for s in alternatives(problem, 3.5, 3)]
+    [['thin', 'keep'], ['keep', 'thin']]
+
+    Avoiding the second segment's ``keep`` also leads to ``['keep', 'thin']``, so there are
+    only two.
+    """
+    count = _integer(count, "count", minimum=1)
+    best = solve(problem, budget, resolution=resolution)
+    if math.isinf(best.budget):
+        raise InvalidArgument("alternatives needs a finite budget, got inf")
+    idx = _index_of(problem)
+    grid = _grid(problem, idx, best.budget, _integer(resolution, "resolution", minimum=1))
+    if count == 1 or grid is None:
+        return (best,)
+    bins, cap = grid
+    by_decision = {option.decision(): option for option in idx.options}
+    found: dict[tuple[Decision, ...], Solution] = {best.decisions: best}
+    for decision in best.decisions:
+        forbidden = list(bins)
+        forbidden[by_decision[decision].uid] = cap + 1  # the DP skips options wider than cap
+        if _min_bins(idx, forbidden, cap) > cap:
+            continue  # every configuration that fits uses this choice
+        tables = _run_dp(idx, forbidden, cap)
+        picks = _track(tables, _best_bins(tables.final, cap))
+        solution = _make_solution(problem, picks, best.budget)
+        assert solution.latency <= best.budget, "rounded-up latencies must fit the budget"
+        found.setdefault(solution.decisions, solution)
+    del found[best.decisions]
+    ranked = sorted(found.values(), key=lambda s: (s.damage, s.latency, _order_key(s)))
+    return (best, *ranked[: count - 1])
+
+
+def _order_key(solution: Solution) -> tuple[tuple[str, int, int, str], ...]:
+    return tuple((d.chain, d.start, d.stop, d.key) for d in solution.decisions)
 
 
 def pareto_front(problem: Problem, *, resolution: int = 2000) -> tuple[tuple[float, float], ...]:

@@ -34,6 +34,8 @@ class Report:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     #: Pareto front of the plan: ``[predicted_ms, damage]`` pairs, fastest first.
     front: list[list[float]] = field(default_factory=list)
+    #: with ``plan_candidates > 1``: every plan considered (see :class:`fxcompress.selection.Trial`)
+    trials: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def ratio(self) -> float | None:
@@ -78,6 +80,13 @@ class Report:
             lines.append(f"- max relative error of exact steps: {self.max_rel_error:.2e}")
         for r in self.replans:
             lines.append(f"- re-planned: {r}")
+        if self.trials:
+            kept = next(t for t in self.trials if t["chosen"])
+            tried = sum(t["score"] is not None for t in self.trials)
+            lines.append(
+                f"- plan kept after trial fine-tunes: rank {kept['rank']} of {len(self.trials)} "
+                f"({tried} trained)"
+            )
         merged = [d for d in self.decisions if d.get("key") != "keep"]
         if merged:
             lines += ["", "| chain | items | option |", "|---|---|---|"]

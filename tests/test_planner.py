@@ -22,6 +22,7 @@ from fxcompress.planner import (
     Problem,
     Segment,
     Solution,
+    alternatives,
     min_latency,
     pareto_front,
     solve,
@@ -324,6 +325,72 @@ def test_budget_below_minimum_is_infeasible(problem, u):
         with pytest.raises(InfeasibleBudget, match="below the lowest reachable latency") as info:
             function(problem, budget)
         assert info.value.minimum == pytest.approx(lo)
+
+
+def first_cap(problem: Problem, budget: float, resolution: int) -> int | None:
+    """The capacity solve plans with: the first doubling of ``resolution`` that fits."""
+    for doubling in range(RETRIES + 1):
+        if rounded_optimum(problem, budget, resolution << doubling) is not None:
+            return resolution << doubling
+    return None
+
+
+def avoiding_optimum(problem: Problem, budget: float, cap: int, avoid: Decision) -> float | None:
+    """Least damage over the configurations without ``avoid`` whose rounded latencies fit."""
+    room = Fraction(budget) - Fraction(problem.fixed_latency)
+    fits = []
+    for config in all_configurations(problem):
+        if any(Decision(c, a, b, ch.key) == avoid for c, a, b, ch in config):
+            continue
+        bins = [rounded_bins(item[3].latency, room, cap) for item in config]
+        if None not in bins and sum(bins) <= cap:
+            fits.append(float_damage(config))
+    return min(fits) if fits else None
+
+
+@given(problems(), fractions, resolutions)
+def test_alternatives_are_the_best_plans_avoiding_each_choice_of_the_best(problem, u, resolution):
+    lo, hi = min_latency(problem), max_latency(problem)
+    budget = min(max(lo + u * (hi - lo), lo), hi)
+    found = alternatives(problem, budget, 1000, resolution=resolution)
+    assert found[0] == solve(problem, budget, resolution=resolution)
+    for solution in found:
+        check_solution(problem, solution, budget)
+    assert len({s.decisions for s in found}) == len(found)
+    rest = [(s.damage, s.latency) for s in found[1:]]
+    assert rest == sorted(rest)
+    cap = first_cap(problem, budget, resolution)
+    if cap is None:  # solve fell back to the fastest configuration
+        assert found == (found[0],)
+        return
+    optima = {d: avoiding_optimum(problem, budget, cap, d) for d in found[0].decisions}
+    for avoid, best in optima.items():
+        if best is None:
+            continue  # every configuration that fits uses ``avoid``
+        assert any(
+            avoid not in s.decisions and s.damage == pytest.approx(best, rel=1e-9, abs=1e-12)
+            for s in found[1:]
+        ), f"no alternative avoids {avoid} at its optimum {best}"
+    for solution in found[1:]:
+        assert any(
+            d not in solution.decisions
+            and optima[d] is not None
+            and solution.damage == pytest.approx(optima[d], rel=1e-9, abs=1e-12)
+            for d in found[0].decisions
+        )
+    # asking for fewer returns a prefix
+    assert alternatives(problem, budget, 2, resolution=resolution) == found[:2]
+
+
+def test_alternatives_checks_count_and_budget():
+    problem = Problem([Chain("c", 1, [Segment(0, 1, [Choice("a", 1.0, 0.0)])])])
+    with pytest.raises(InvalidArgument, match="count"):
+        alternatives(problem, 2.0, 0)
+    with pytest.raises(InvalidArgument, match="finite budget"):
+        alternatives(problem, math.inf, 2)
+    with pytest.raises(InfeasibleBudget, match="below the lowest reachable latency"):
+        alternatives(problem, 0.5, 2)
+    assert alternatives(problem, 2.0, 3) == (solve(problem, 2.0),)
 
 
 @given(problems(), resolutions)

@@ -1,0 +1,302 @@
+"""Choosing among near-equal plans by a trial fine-tune (``optimize(plan_candidates=k)``)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import example, given
+from hypothesis import strategies as st
+from torch import fx, nn
+
+import fxcompress
+from fxcompress.errors import InvalidArgument
+from fxcompress.selection import choose
+
+
+class Net(nn.Module):
+    """Two residual blocks and a plain tail: several near-equal plans at a mid budget."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.b1 = nn.Sequential(
+            nn.Conv2d(8, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Conv2d(8, 8, 3, padding=1),
+        )
+        self.b2 = nn.Sequential(
+            nn.Conv2d(8, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Conv2d(8, 8, 3, padding=1),
+        )
+        self.tail = nn.Sequential(
+            nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()
+        )
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = torch.relu(x + self.b1(x))
+        x = torch.relu(x + self.b2(x))
+        x = self.tail(x)
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return Net().eval()
+
+
+_G = torch.Generator().manual_seed(5)
+DATA = [
+    (torch.randn(4, 3, 10, 10, generator=_G), torch.randint(0, 4, (4,), generator=_G))
+    for _ in range(3)
+]
+LOSS = nn.functional.cross_entropy
+
+
+def _sgd(relaxed: fx.GraphModule) -> None:
+    """A short deterministic fine-tune: a few SGD steps on ``DATA``."""
+    relaxed.train()
+    opt = torch.optim.SGD(relaxed.parameters(), lr=0.05)
+    for x, y in DATA * 2:
+        opt.zero_grad()
+        LOSS(relaxed(x), y).backward()
+        opt.step()
+
+
+def _loss(model: nn.Module) -> float:
+    with torch.no_grad():
+        return sum(float(LOSS(model(x), y)) for x, y in DATA) / len(DATA)
+
+
+def _optimize(**kw):
+    kw.setdefault("trial_finetune", _sgd)
+    return fxcompress.optimize(
+        _net(), 0.55, data=DATA, loss_fn=LOSS, latency="flops", plan_candidates=4, **kw
+    )
+
+
+def test_the_kept_plan_scores_best_and_is_the_one_returned() -> None:
+    out = _optimize()
+    report = out.meta["fxcompress"]
+    trials = report.trials
+    assert len(trials) >= 3, "the budget leaves several plans to choose from"
+    assert [t["rank"] for t in trials] == list(range(len(trials)))
+    assert [t["damage"] for t in trials[1:]] == sorted(t["damage"] for t in trials[1:])
+    assert all(t["predicted_ms"] <= 0.55 * report.original_ms for t in trials)
+    (kept,) = [t for t in trials if t["chosen"]]
+    assert kept["score"] == min(t["score"] for t in trials)
+    assert report.damage == kept["damage"]
+    # without finetune=, the result is the kept plan's trial-trained network, merged: its loss,
+    # recomputed here on the merged model, is the score the trial recorded
+    assert _loss(out) == pytest.approx(kept["score"], rel=1e-4)
+
+
+def test_a_runner_up_that_trains_better_wins() -> None:
+    calls: list[int] = []
+
+    def spoil_the_first(relaxed: fx.GraphModule) -> None:
+        """The planner's best plan (tried first) is made useless by its trial."""
+        calls.append(1)
+        _sgd(relaxed)
+        if len(calls) == 1:
+            with torch.no_grad():
+                for p in relaxed.parameters():
+                    p.mul_(-30.0)
+
+    out = _optimize(trial_finetune=spoil_the_first)
+    trials = out.meta["fxcompress"].trials
+    assert len(calls) == len(trials)
+    (kept,) = [t for t in trials if t["chosen"]]
+    assert kept["rank"] != 0
+    assert out.meta["fxcompress"].damage == kept["damage"] >= trials[0]["damage"]
+    assert _loss(out) == pytest.approx(kept["score"], rel=1e-4)
+
+
+def test_finetune_after_the_choice_starts_from_the_kept_plan() -> None:
+    tuned: list[fx.GraphModule] = []
+
+    def finetune(relaxed: fx.GraphModule) -> None:
+        tuned.append(relaxed)
+        _sgd(relaxed)
+
+    out = _optimize(finetune=finetune)
+    report = out.meta["fxcompress"]
+    # the trial ran on every candidate, the fine-tune once more on the kept plan's fresh network
+    assert len(tuned) == 1
+    (kept,) = [t for t in report.trials if t["chosen"]]
+    # same deterministic training as its trial: the same network, so the same score
+    assert _loss(out) == pytest.approx(kept["score"], rel=1e-4)
+
+
+def test_finetune_doubles_as_trial_and_is_not_run_twice() -> None:
+    seen: list[int] = []
+
+    def finetune(relaxed: fx.GraphModule) -> None:
+        seen.append(1)
+        _sgd(relaxed)
+
+    out = fxcompress.optimize(
+        _net(),
+        0.55,
+        data=DATA,
+        loss_fn=LOSS,
+        latency="flops",
+        plan_candidates=3,
+        finetune=finetune,
+    )
+    trials = out.meta["fxcompress"].trials
+    assert len(seen) == sum(t["score"] is not None for t in trials) == len(trials)
+    (kept,) = [t for t in trials if t["chosen"]]
+    assert _loss(out) == pytest.approx(kept["score"], rel=1e-4)
+
+
+def test_output_fidelity_ranks_plans_without_a_loss() -> None:
+    out = fxcompress.optimize(
+        _net(),
+        0.55,
+        data=[x for x, _ in DATA],
+        latency="flops",
+        plan_candidates=3,
+        trial_finetune=lambda relaxed: None,
+    )
+    trials = out.meta["fxcompress"].trials
+    original = _net()
+    with torch.no_grad():
+        err = sum(float((out(x) - original(x)).pow(2).sum()) for x, _ in DATA)
+        ref = sum(float(original(x).pow(2).sum()) for x, _ in DATA)
+    (kept,) = [t for t in trials if t["chosen"]]
+    assert kept["score"] == min(t["score"] for t in trials)
+    assert err / ref == pytest.approx(kept["score"], rel=1e-3)
+
+
+def test_plans_measured_too_slow_are_not_trained(monkeypatch) -> None:
+    from test_optimize import _PredictingTable  # a deterministic "measured" table
+
+    import fxcompress.api as api
+
+    # the table's calibration (the model against its exact merge), the chosen plan in the band,
+    # then every runner-up too slow
+    ratios = iter([1.0, 0.55] + [0.9] * 50)
+    monkeypatch.setattr(
+        api, "_paired_latency", lambda t, a, b, i, pairs=15: (10.0, 10 * next(ratios))
+    )
+    trained: list[int] = []
+    out = fxcompress.optimize(
+        _net(),
+        0.55,
+        data=DATA,
+        loss_fn=LOSS,
+        latency=_PredictingTable(),
+        plan_candidates=4,
+        trial_finetune=lambda relaxed: trained.append(1),
+    )
+    trials = out.meta["fxcompress"].trials
+    assert len(trials) >= 2
+    assert len(trained) == 1
+    assert trials[0]["chosen"]
+    assert trials[0]["measured_ratio"] == 0.55
+    assert all(t["score"] is None and t["measured_ratio"] == 0.9 for t in trials[1:])
+
+
+def test_equal_inputs_give_equal_choices_and_the_caller_model_is_untouched() -> None:
+    net = _net().train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    first = fxcompress.optimize(
+        net,
+        0.55,
+        data=DATA,
+        loss_fn=LOSS,
+        latency="flops",
+        plan_candidates=3,
+        trial_finetune=_sgd,
+    )
+    second = _optimize()
+    assert net.training
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    a, b = first.meta["fxcompress"].trials, second.meta["fxcompress"].trials[:3]
+    assert a == b
+    with torch.no_grad():
+        assert torch.equal(first(DATA[0][0]), second(DATA[0][0]))
+
+
+def test_one_candidate_is_the_default_and_calls_no_trial() -> None:
+    out = fxcompress.optimize(
+        _net(),
+        0.55,
+        data=DATA,
+        loss_fn=LOSS,
+        latency="flops",
+        trial_finetune=lambda relaxed: pytest.fail("no trial without plan_candidates > 1"),
+    )
+    assert out.meta["fxcompress"].trials == []
+
+
+@given(st.one_of(st.integers(-3, 0), st.just(True), st.just(2.5), st.just("3"), st.none()))
+@example(0)
+@example(True)
+def test_bad_plan_candidates_are_named(value) -> None:
+    with pytest.raises(InvalidArgument, match="plan_candidates"):
+        fxcompress.optimize(
+            _net(), 0.55, data=DATA, latency="flops", plan_candidates=value, trial_finetune=_sgd
+        )
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"plan_candidates": 2}, "needs trial_finetune"),
+        ({"plan_candidates": 2, "trial_finetune": "sgd"}, "trial_finetune must be a callable"),
+        (
+            {"plan_candidates": 2, "trial_finetune": _sgd, "methods": ("lowrank",)},
+            "lowrank",
+        ),
+    ],
+)
+def test_choices_that_cannot_work_are_refused(kw, match) -> None:
+    with pytest.raises(InvalidArgument, match=match):
+        fxcompress.optimize(_net(), 0.55, data=DATA, latency="flops", **kw)
+
+
+# --------------------------------------------------------------------------- choose itself
+
+
+def _choose(scores, ratios, limit=0.6):
+    trained: list[int] = []
+    values = iter(scores)
+    picked = choose(
+        list(range(len(ratios))),
+        ratios,
+        limit=limit,
+        describe=lambda p: (float(p), 1.0),
+        relax=lambda p: nn.Linear(1, 1),
+        trial=lambda net, _seen=trained: _seen.append(1),
+        score=lambda net: next(values),
+    )
+    return picked, len(trained)
+
+
+def test_choose_keeps_the_lowest_score_and_the_first_of_ties() -> None:
+    picked, trained = _choose([3.0, 1.0, 1.0, 2.0], [0.5, 0.5, None, 0.6])
+    assert (picked.index, trained) == (1, 4)
+    assert [t.chosen for t in picked.trials] == [False, True, False, False]
+
+
+def test_choose_always_tries_the_first_and_skips_slow_runners_up() -> None:
+    picked, trained = _choose([5.0, 1.0], [0.9, 0.7, 0.59])
+    # plan 0 is tried although slow (the caller already accepted it); plan 1 is not
+    assert trained == 2
+    assert picked.index == 2
+    assert picked.trials[1].score is None
+
+
+def test_choose_treats_a_nan_score_as_worst() -> None:
+    picked, _ = _choose([math.nan, 4.0], [0.5, 0.5])
+    assert picked.index == 1
+    picked, _ = _choose([1.0, math.nan], [0.5, 0.5])
+    assert picked.index == 0
