@@ -9,6 +9,7 @@ Budgets below 1 need all stages; ``budget=1.0`` only runs the function-preservin
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -680,12 +681,13 @@ def optimize(
         Closed loop: if the measured latency misses the budget by more than 5 %, re-plan with a
         tighter budget at most this many times.
     plan_candidates : int
-        With ``k > 1``, the planner's best plan and up to ``k - 1`` runners-up (each the best
-        plan avoiding one of its choices, :func:`fxcompress.planner.alternatives`) that also
-        measure within the budget are each trained by ``trial_finetune``, and the plan whose
-        trained network scores best on the calibration batches (``loss_fn``, else output
-        fidelity) is kept; see :mod:`fxcompress.selection`. Plans of nearly equal planned damage
-        can end far apart after fine-tuning, and this is the way to tell them apart.
+        With ``k > 1``, the planner's best plan and up to ``k - 1`` runners-up by planned
+        damage (:func:`fxcompress.planner.alternatives`; plans that relax to the same
+        network count once) that also measure within the budget are each trained by
+        ``trial_finetune``, and the plan whose trained network scores best on the
+        calibration batches (``loss_fn``, else output fidelity) is kept; see
+        :mod:`fxcompress.selection`. Plans of nearly equal planned damage can end far apart
+        after fine-tuning, and this is the way to tell them apart.
     trial_finetune : callable, optional
         ``trial_finetune(relaxed)`` for ``plan_candidates > 1``, typically a shorter version of
         ``finetune`` (e.g. ``Distill(..., epochs=1)``). By default ``finetune`` itself, whose
@@ -1159,13 +1161,26 @@ def _choose_by_trial(
     """
     t0 = time.perf_counter()
     plan, relaxed, result, ratio = chosen
-    solutions = planner.alternatives(
-        prep.problem, plan.budget_ms, count, resolution=prep.resolution
+    # the runners-up by planned damage; the first count - 1 distinct trainable networks
+    # among them are tried (at most 4 * count looked at)
+    solutions = itertools.islice(
+        planner.ranked(prep.problem, plan.budget_ms, resolution=prep.resolution), 1, 4 * count
     )
-    plans = [plan, *(_plan_of(prep, s, plan.budget_ms, plan.front) for s in solutions[1:])]
+    nothing = Calibration([], [])
+    seen = {fingerprint(relaxed, nothing)}
+    plans: list[Plan] = [plan]
     ratios: list[float | None] = [ratio]
-    for other in plans[1:]:
-        merged = merge(relax(model, other, inputs))
+    for solution in solutions:
+        if len(plans) == count:
+            break
+        other = _plan_of(prep, solution, plan.budget_ms, plan.front)
+        other_relaxed = relax(model, other, inputs)
+        digest = fingerprint(other_relaxed, nothing)
+        if digest in seen:
+            continue  # other decisions, the same trainable network (e.g. a one-item "merge")
+        seen.add(digest)
+        plans.append(other)
+        merged = merge(other_relaxed)
         if table.mode == "measure":
             original_ms, measured = _paired_latency(table, original_gm, merged, inputs)
             ratios.append(measured / original_ms)

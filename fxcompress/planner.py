@@ -79,7 +79,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from numbers import Real
@@ -99,6 +99,7 @@ __all__ = [
     "alternatives",
     "min_latency",
     "pareto_front",
+    "ranked",
     "solve",
     "solve_exhaustive",
 ]
@@ -939,14 +940,15 @@ def _grid(
 def alternatives(
     problem: Problem, budget: float, count: int, *, resolution: int = 2000
 ) -> tuple[Solution, ...]:
-    """Return :func:`solve`'s answer and up to ``count - 1`` distinct runners-up.
+    """Return the ``count`` least-damage configurations within the budget, best first.
 
-    A runner-up is the least-damage configuration within the budget that avoids one of the
-    choices of the best configuration (the dynamic programme re-run with that choice forbidden,
-    on the same time grid as :func:`solve`). Every choice of the best configuration is forbidden
-    in turn; the distinct answers are returned by increasing ``(damage, latency)`` after the best
-    one. They are the plans a caller can tell apart by something the damage model does not see,
-    for example a short fine-tuning of each.
+    The first is :func:`solve`'s answer; the others are the runners-up by damage on the same
+    time grid (so each fits the budget). They are found best-first: a configuration's
+    neighbours are the best configurations that also avoid one more of its choices (the dynamic
+    programme re-run with those choices forbidden), and every configuration of the grid is
+    reached this way with no more damage than it has. Ties are broken by latency, then by the
+    decisions. They are the plans a caller can tell apart by something the damage model does not
+    see, for example a short fine-tuning of each (:func:`ranked` yields them lazily).
 
     Parameters
     ----------
@@ -954,16 +956,15 @@ def alternatives(
     budget : float
         As for :func:`solve` (finite).
     count : int
-        At most this many solutions are returned (``>= 1``); fewer when the problem has fewer
-        distinct neighbours.
+        At most this many solutions (``>= 1``); fewer when fewer configurations fit.
     resolution : int
         As for :func:`solve`.
 
     Returns
     -------
     tuple of Solution
-        ``result[0] == solve(problem, budget, resolution=resolution)``; every solution fits
-        the budget and no two have the same decisions.
+        ``result[0] == solve(problem, budget, resolution=resolution)``; damages do not
+        decrease along the tuple, and no two solutions have the same decisions.
 
     Raises
     ------
@@ -976,35 +977,80 @@ def alternatives(
     >>> b = Segment(1, 2, [Choice("keep", 2.0, 0.0), Choice("thin", 1.0, 0.5)])
     >>> problem = Problem([Chain("c", 2, [a, b])])
     >>> [[d.key for d in s.decisions] for s in alternatives(problem, 3.5, 3)]
-    [['thin', 'keep'], ['keep', 'thin']]
-
-    Avoiding the second segment's ``keep`` also leads to ``['keep', 'thin']``, so there are
-    only two.
+    [['thin', 'keep'], ['keep', 'thin'], ['thin', 'thin']]
     """
     count = _integer(count, "count", minimum=1)
+    return tuple(itertools.islice(ranked(problem, budget, resolution=resolution), count))
+
+
+def ranked(problem: Problem, budget: float, *, resolution: int = 2000) -> Iterator[Solution]:
+    """Yield the configurations within the budget by increasing damage (see :func:`alternatives`).
+
+    Each solution after the first costs up to one run of the dynamic programme per choice of
+    each configuration yielded before it, so take only as many as needed.
+
+    Examples
+    --------
+    >>> layer = Segment(0, 1, [Choice("a", 1.0, 0.0), Choice("b", 0.5, 0.1), Choice("c", 3.0, 0.0)])
+    >>> [s.decisions[0].key for s in ranked(Problem([Chain("mlp", 1, [layer])]), 2.0)]
+    ['a', 'b']
+    """
     best = solve(problem, budget, resolution=resolution)
     if math.isinf(best.budget):
-        raise InvalidArgument("alternatives needs a finite budget, got inf")
+        raise InvalidArgument("ranked configurations need a finite budget, got inf")
     idx = _index_of(problem)
     grid = _grid(problem, idx, best.budget, _integer(resolution, "resolution", minimum=1))
-    if count == 1 or grid is None:
-        return (best,)
+    yield best
+    if grid is None:
+        return  # solve fell back to the fastest configuration: no grid to rank others on
     bins, cap = grid
-    by_decision = {option.decision(): option for option in idx.options}
-    found: dict[tuple[Decision, ...], Solution] = {best.decisions: best}
-    for decision in best.decisions:
-        forbidden = list(bins)
-        forbidden[by_decision[decision].uid] = cap + 1  # the DP skips options wider than cap
-        if _min_bins(idx, forbidden, cap) > cap:
-            continue  # every configuration that fits uses this choice
-        tables = _run_dp(idx, forbidden, cap)
-        picks = _track(tables, _best_bins(tables.final, cap))
-        solution = _make_solution(problem, picks, best.budget)
+    uid = {option.decision(): option.uid for option in idx.options}
+
+    def solve_avoiding(forbidden: frozenset[int]) -> Solution | None:
+        width = list(bins)
+        for u in forbidden:
+            width[u] = cap + 1  # the DP skips options wider than cap
+        if _min_bins(idx, width, cap) > cap:
+            return None  # every configuration that fits uses a forbidden choice
+        tables = _run_dp(idx, width, cap)
+        solution = _make_solution(
+            problem, _track(tables, _best_bins(tables.final, cap)), best.budget
+        )
         assert solution.latency <= best.budget, "rounded-up latencies must fit the budget"
-        found.setdefault(solution.decisions, solution)
-    del found[best.decisions]
-    ranked = sorted(found.values(), key=lambda s: (s.damage, s.latency, _order_key(s)))
-    return (best, *ranked[: count - 1])
+        return solution
+
+    # Best-first over sets of forbidden choices. A node's solution is the best avoiding its set,
+    # so a child (one more choice of that solution forbidden) never does better, and any
+    # configuration S is reached through nodes no worse than S: at a node whose solution T is
+    # not S, some choice of T is not in S, and forbidding it keeps S available.
+    yielded = {best.decisions}
+    expanded: set[frozenset[int]] = set()
+    heap: list[tuple[float, float, tuple[tuple[str, int, int, str], ...], int, frozenset[int]]]
+    heap = []
+    order = itertools.count()
+
+    def expand(solution: Solution, forbidden: frozenset[int]) -> None:
+        for decision in solution.decisions:
+            child = forbidden | {uid[decision]}
+            if child in expanded:
+                continue
+            expanded.add(child)
+            found = solve_avoiding(child)
+            if found is not None:
+                key = (found.damage, found.latency, _order_key(found), next(order), child)
+                heapq.heappush(heap, key)
+                solutions[key[3]] = found
+
+    solutions: dict[int, Solution] = {}
+    expand(best, frozenset())
+    while heap:
+        *_, number, forbidden = heapq.heappop(heap)
+        solution = solutions.pop(number)
+        # a configuration can be the best of several nodes: yield it once, expand every node
+        if solution.decisions not in yielded:
+            yielded.add(solution.decisions)
+            yield solution
+        expand(solution, forbidden)
 
 
 def _order_key(solution: Solution) -> tuple[tuple[str, int, int, str], ...]:

@@ -1,17 +1,18 @@
 """Choosing among near-equal plans by a trial fine-tune of each (``optimize(plan_candidates=k)``).
 
-The planner ranks plans by damages measured on the untrained network, one segment relaxed at a
-time, and adds them up. Once several segments are relaxed together the network can lose most of
-its function, and what a plan is worth is then what fine-tuning recovers: plans of nearly equal
-planned damage can end several points of accuracy apart. With ``plan_candidates=k`` the planner's
-best plan and up to ``k - 1`` runners-up (:func:`fxcompress.planner.alternatives`) that also
-measure within the budget are each trained by the caller's trial fine-tune, and the one whose
-trained relaxed network scores best on the calibration batches is kept: the lowest mean
-``loss_fn`` or, without it, the lowest relative output error against the original network.
+The planner ranks plans by damages measured on the untrained network, one segment relaxed at a time,
+and adds them up. Once several segments are relaxed together the network can lose most of its
+function, and what a plan is worth is then what fine-tuning recovers: plans of nearly equal planned
+damage can end several points of accuracy apart. With ``plan_candidates=k`` the planner's best plan
+and up to ``k - 1`` runners-up by planned damage (:func:`fxcompress.planner.alternatives`; plans
+that relax to the same trainable network count once) that also measure within the budget are each
+trained by the caller's trial fine-tune, and the one whose trained relaxed network scores best on
+the calibration batches is kept: the lowest mean ``loss_fn`` or, without it, the lowest relative
+output error against the original network.
 
-The calibration batches come from ``data``, which the fine-tune usually trains on as well: the
-score is a training-set score, which ranks how well each plan trains rather than how it
-generalises. Ties keep the plan the planner ranked first.
+The calibration batches come from ``data``, which the fine-tune usually trains on as well: the score
+is a training-set score, which ranks how well each plan trains rather than how it generalises. Ties
+keep the plan the planner ranked first.
 """
 
 from __future__ import annotations
