@@ -687,7 +687,8 @@ def optimize(
         ``trial_finetune``, and the plan whose trained network scores best on the
         calibration batches (``loss_fn``, else output fidelity) is kept; see
         :mod:`fxcompress.selection`. Plans of nearly equal planned damage can end far apart
-        after fine-tuning, and this is the way to tell them apart.
+        after fine-tuning, and this is the way to tell them apart. A best plan with no
+        measured damage is kept without trials.
     trial_finetune : callable, optional
         ``trial_finetune(relaxed)`` for ``plan_candidates > 1``, typically a shorter version of
         ``finetune`` (e.g. ``Distill(..., epochs=1)``). By default ``finetune`` itself, whose
@@ -1100,7 +1101,11 @@ def _optimize_below_one(
             result=result,
         )
     trained = None
-    if trial is not None:
+    if trial is not None and plan.damage == 0:
+        # the best plan does no measured damage: no other plan can do better, and training
+        # noise must not trade it for one that changes the function
+        logger.info("best plan has no damage: kept without trial fine-tunes")
+    elif trial is not None:
         plan, relaxed, result, ratio, trained = _choose_by_trial(
             model,
             (plan, relaxed, result, ratio),
