@@ -15,45 +15,16 @@ from fxcompress.errors import InvalidArgument
 from fxcompress.selection import choose
 
 
-class Net(nn.Module):
-    """Two residual blocks and a plain tail: several near-equal plans at a mid budget."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
-        self.b1 = nn.Sequential(
-            nn.Conv2d(8, 8, 3, padding=1),
-            nn.BatchNorm2d(8),
-            nn.ReLU(),
-            nn.Conv2d(8, 8, 3, padding=1),
-        )
-        self.b2 = nn.Sequential(
-            nn.Conv2d(8, 8, 3, padding=1),
-            nn.BatchNorm2d(8),
-            nn.ReLU(),
-            nn.Conv2d(8, 8, 3, padding=1),
-        )
-        self.tail = nn.Sequential(
-            nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()
-        )
-        self.head = nn.Linear(8, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        x = torch.relu(x + self.b1(x))
-        x = torch.relu(x + self.b2(x))
-        x = self.tail(x)
-        return self.head(x.mean(dim=(2, 3)))
-
-
 def _net() -> nn.Module:
-    torch.manual_seed(0)
-    return Net().eval()
+    """A small residual CNN (two blocks, a plain tail): several near-equal plans at 0.55."""
+    from test_optimize import _net as residual_net
+
+    return residual_net()
 
 
 _G = torch.Generator().manual_seed(5)
 DATA = [
-    (torch.randn(4, 3, 10, 10, generator=_G), torch.randint(0, 4, (4,), generator=_G))
+    (torch.randn(4, 3, 12, 12, generator=_G), torch.randint(0, 5, (4,), generator=_G))
     for _ in range(3)
 ]
 LOSS = nn.functional.cross_entropy
@@ -83,6 +54,17 @@ def _fidelity(model: nn.Module) -> float:
     return err / ref
 
 
+def _kept(out: nn.Module) -> dict:
+    """The one trial marked chosen; it scored best, and the returned model has its score."""
+    trials = out.meta["fxcompress"].trials
+    (kept,) = [t for t in trials if t["chosen"]]
+    assert kept["score"] == min(t["score"] for t in trials if t["score"] is not None)
+    # the result is the kept plan's trained network, merged (or trained the same way again):
+    # its score, recomputed here on the merged model, is the one its trial recorded
+    assert _fidelity(out) == pytest.approx(kept["score"], rel=1e-4)
+    return kept
+
+
 def _optimize(**kw):
     """Output-fidelity damage (no ``loss_fn``): every plan at 0.55 changes the function."""
     kw.setdefault("trial_finetune", _sgd)
@@ -99,12 +81,7 @@ def test_the_kept_plan_scores_best_and_is_the_one_returned() -> None:
     assert all(t["predicted_ms"] <= 0.55 * report.original_ms for t in trials)
     # plans whose trainable networks coincide are tried once: every trial trains another network
     assert len({t["score"] for t in trials}) == len(trials)
-    (kept,) = [t for t in trials if t["chosen"]]
-    assert kept["score"] == min(t["score"] for t in trials)
-    assert report.damage == kept["damage"]
-    # without finetune=, the result is the kept plan's trial-trained network, merged: its score,
-    # recomputed here on the merged model, is the one the trial recorded
-    assert _fidelity(out) == pytest.approx(kept["score"], rel=1e-4)
+    assert report.damage == _kept(out)["damage"]
 
 
 def test_a_runner_up_that_trains_better_wins() -> None:
@@ -122,10 +99,9 @@ def test_a_runner_up_that_trains_better_wins() -> None:
     out = _optimize(trial_finetune=spoil_the_first)
     trials = out.meta["fxcompress"].trials
     assert len(calls) == len(trials)
-    (kept,) = [t for t in trials if t["chosen"]]
+    kept = _kept(out)
     assert kept["rank"] != 0
     assert out.meta["fxcompress"].damage == kept["damage"] >= trials[0]["damage"]
-    assert _fidelity(out) == pytest.approx(kept["score"], rel=1e-4)
 
 
 def test_finetune_after_the_choice_starts_from_the_kept_plan() -> None:
@@ -136,12 +112,9 @@ def test_finetune_after_the_choice_starts_from_the_kept_plan() -> None:
         _sgd(relaxed)
 
     out = _optimize(finetune=finetune)
-    report = out.meta["fxcompress"]
     # the trial ran on every candidate, the fine-tune once more on the kept plan's fresh network
     assert len(tuned) == 1
-    (kept,) = [t for t in report.trials if t["chosen"]]
-    # same deterministic training as its trial: the same network, so the same score
-    assert _fidelity(out) == pytest.approx(kept["score"], rel=1e-4)
+    _kept(out)  # same deterministic training as its trial: the same network and score
 
 
 def test_finetune_doubles_as_trial_and_is_not_run_twice() -> None:
@@ -161,15 +134,14 @@ def test_finetune_doubles_as_trial_and_is_not_run_twice() -> None:
     )
     trials = out.meta["fxcompress"].trials
     assert len(seen) == sum(t["score"] is not None for t in trials) == len(trials)
-    (kept,) = [t for t in trials if t["chosen"]]
-    assert _fidelity(out) == pytest.approx(kept["score"], rel=1e-4)
+    _kept(out)
 
 
 def test_task_loss_ranks_plans_with_a_loss() -> None:
-    # at 0.3 the best plan raises the task loss (at higher budgets it does not, on random labels)
+    # at 0.4 the best plan raises the task loss (at 0.7 and above it does not, on random labels)
     out = fxcompress.optimize(
         _net(),
-        0.3,
+        0.4,
         data=DATA,
         loss_fn=LOSS,
         latency="flops",
@@ -184,11 +156,11 @@ def test_task_loss_ranks_plans_with_a_loss() -> None:
 
 
 def test_a_best_plan_without_damage_is_kept_untried() -> None:
-    # on random labels, the best plan at 0.55 does not raise the task loss: nothing does better
-    plain = fxcompress.optimize(_net(), 0.55, data=DATA, loss_fn=LOSS, latency="flops")
+    # on random labels, the best plan at 0.7 does not raise the task loss: nothing does better
+    plain = fxcompress.optimize(_net(), 0.7, data=DATA, loss_fn=LOSS, latency="flops")
     out = fxcompress.optimize(
         _net(),
-        0.55,
+        0.7,
         data=DATA,
         loss_fn=LOSS,
         latency="flops",
