@@ -621,7 +621,7 @@ def optimize(
     importance_checkpoint: str | None = None,
     candidate_finetune: Callable[[fx.GraphModule], None] | None = None,
     leaf_modules: Sequence[str] = (),
-    max_replans: int = 3,
+    max_replans: int = 5,
     plan_candidates: int = 1,
     trial_finetune: Callable[[fx.GraphModule], None] | None = None,
 ) -> fx.GraphModule:
@@ -679,11 +679,14 @@ def optimize(
         Submodules to keep opaque when tracing.
     max_replans : int
         Closed loop: if the measured latency misses the budget by more than 5 %, re-plan with a
-        tighter budget at most this many times.
+        tighter budget at most this many times. Each re-plan costs one paired timing of the
+        network; depthwise networks at large batches, whose op table predicts poorly, have
+        needed three.
     plan_candidates : int
         With ``k > 1``, the planner's best plan and up to ``k - 1`` runners-up by planned
         damage (:func:`fxcompress.planner.alternatives`; plans that relax to the same
-        network count once) that also measure within the budget are each trained by
+        network count once, and those measured slower than the budget allows are passed
+        over, up to ``2 (k - 1)`` measured) that measure within the budget are each trained by
         ``trial_finetune``, and the plan whose trained network scores best on the
         calibration batches (``loss_fn``, else output fidelity) is kept; see
         :mod:`fxcompress.selection`. Plans of nearly equal planned damage can end far apart
@@ -1166,8 +1169,10 @@ def _choose_by_trial(
     """
     t0 = time.perf_counter()
     plan, relaxed, result, ratio = chosen
-    # the runners-up by planned damage; the first count - 1 distinct trainable networks
-    # among them are tried (at most 4 * count looked at)
+    # The runners-up by planned damage, until count plans can be trained: a runner-up that
+    # relaxes to a network already seen is skipped, one measured slower than the limit is kept
+    # on record but not trained. At most 4 * count runners-up are looked at and 2 * (count - 1)
+    # measured (a measurement is a paired timing of the whole network).
     solutions = itertools.islice(
         planner.ranked(prep.problem, plan.budget_ms, resolution=prep.resolution), 1, 4 * count
     )
@@ -1175,8 +1180,9 @@ def _choose_by_trial(
     seen = {fingerprint(relaxed, nothing)}
     plans: list[Plan] = [plan]
     ratios: list[float | None] = [ratio]
+    trainable = 1
     for solution in solutions:
-        if len(plans) == count:
+        if trainable == count or len(plans) > 2 * (count - 1):
             break
         other = _plan_of(prep, solution, plan.budget_ms, plan.front)
         other_relaxed = relax(model, other, inputs)
@@ -1184,13 +1190,14 @@ def _choose_by_trial(
         if digest in seen:
             continue  # other decisions, the same trainable network (e.g. a one-item "merge")
         seen.add(digest)
-        plans.append(other)
         merged = merge(other_relaxed)
+        measured_ratio = None
         if table.mode == "measure":
             original_ms, measured = _paired_latency(table, original_gm, merged, inputs)
-            ratios.append(measured / original_ms)
-        else:
-            ratios.append(None)
+            measured_ratio = measured / original_ms
+        plans.append(other)
+        ratios.append(measured_ratio)
+        trainable += measured_ratio is None or measured_ratio <= limit
     calib = Calibration.from_data(data, inputs, max_batches=calibration_batches)
     loss = loss_fn if calib.targets[0] is not None else None
     reference = reference_outputs(original_gm, calib)

@@ -81,7 +81,11 @@ def test_the_kept_plan_scores_best_and_is_the_one_returned() -> None:
     assert all(t["predicted_ms"] <= 0.55 * report.original_ms for t in trials)
     # plans whose trainable networks coincide are tried once: every trial trains another network
     assert len({t["score"] for t in trials}) == len(trials)
-    assert report.damage == _kept(out)["damage"]
+    kept = _kept(out)
+    assert report.damage == kept["damage"]
+    assert f"plan kept after trial fine-tunes: rank {kept['rank']} of {len(trials)}" in (
+        report.to_markdown()
+    )
 
 
 def test_a_runner_up_that_trains_better_wins() -> None:
@@ -173,17 +177,20 @@ def test_a_best_plan_without_damage_is_kept_untried() -> None:
     assert report.decisions == plain.meta["fxcompress"].decisions
 
 
+def _measured(monkeypatch, ratios: list[float]) -> None:
+    """Whole-network timings give ``ratios`` in turn (a deterministic "measured" table)."""
+    import fxcompress.api as api
+
+    seq = iter(ratios)
+    monkeypatch.setattr(api, "_paired_latency", lambda t, a, b, i, pairs=15: (10.0, 10 * next(seq)))
+
+
 def test_plans_measured_too_slow_are_not_trained(monkeypatch) -> None:
     from test_optimize import _PredictingTable  # a deterministic "measured" table
 
-    import fxcompress.api as api
-
     # the table's calibration (the model against its exact merge), the chosen plan in the band,
     # then every runner-up too slow
-    ratios = iter([1.0, 0.55] + [0.9] * 50)
-    monkeypatch.setattr(
-        api, "_paired_latency", lambda t, a, b, i, pairs=15: (10.0, 10 * next(ratios))
-    )
+    _measured(monkeypatch, [1.0, 0.55] + [0.9] * 50)
     trained: list[int] = []
     out = fxcompress.optimize(
         _net(),
@@ -199,6 +206,27 @@ def test_plans_measured_too_slow_are_not_trained(monkeypatch) -> None:
     assert trials[0]["chosen"]
     assert trials[0]["measured_ratio"] == 0.55
     assert all(t["score"] is None and t["measured_ratio"] == 0.9 for t in trials[1:])
+    assert len(trials) - 1 <= 2 * (4 - 1)  # runners-up timed at most
+
+
+def test_slow_runners_up_are_passed_over_until_enough_can_be_trained(monkeypatch) -> None:
+    from test_optimize import _PredictingTable
+
+    # the table's calibration, the chosen plan in the band, then runners-up alternately too slow
+    _measured(monkeypatch, [1.0, 0.55] + [0.9, 0.55] * 50)
+    trained: list[int] = []
+    out = fxcompress.optimize(
+        _net(),
+        0.55,
+        data=DATA,
+        latency=_PredictingTable(),
+        plan_candidates=3,
+        trial_finetune=lambda relaxed: trained.append(1),
+    )
+    trials = out.meta["fxcompress"].trials
+    assert len(trained) == 3  # the best plan and two runners-up measured in the band
+    assert [t["measured_ratio"] for t in trials] == [0.55, 0.9, 0.55, 0.9, 0.55]
+    assert [t["score"] is None for t in trials] == [False, True, False, True, False]
 
 
 def test_equal_inputs_give_equal_choices_and_the_caller_model_is_untouched() -> None:
