@@ -177,32 +177,32 @@ def test_a_best_plan_without_damage_is_kept_untried() -> None:
     assert report.decisions == plain.meta["fxcompress"].decisions
 
 
-def _measured(monkeypatch, ratios: list[float]) -> None:
-    """Whole-network timings give ``ratios`` in turn (a deterministic "measured" table)."""
+def _optimize_timed(monkeypatch, runners_up: list[float], k: int) -> tuple[list[dict], int]:
+    """``optimize`` on a deterministic "measured" table whose whole-network timings are faked:
+    the table's calibration (the model against its exact merge), the chosen plan in the band at
+    0.55, then ``runners_up`` in turn. Returns the trials and how many plans were trained."""
+    from test_optimize import _PredictingTable
+
     import fxcompress.api as api
 
-    seq = iter(ratios)
+    seq = iter([1.0, 0.55, *runners_up])
     monkeypatch.setattr(api, "_paired_latency", lambda t, a, b, i, pairs=15: (10.0, 10 * next(seq)))
-
-
-def test_plans_measured_too_slow_are_not_trained(monkeypatch) -> None:
-    from test_optimize import _PredictingTable  # a deterministic "measured" table
-
-    # the table's calibration (the model against its exact merge), the chosen plan in the band,
-    # then every runner-up too slow
-    _measured(monkeypatch, [1.0, 0.55] + [0.9] * 50)
     trained: list[int] = []
     out = fxcompress.optimize(
         _net(),
         0.55,
         data=DATA,
         latency=_PredictingTable(),
-        plan_candidates=4,
+        plan_candidates=k,
         trial_finetune=lambda relaxed: trained.append(1),
     )
-    trials = out.meta["fxcompress"].trials
+    return out.meta["fxcompress"].trials, len(trained)
+
+
+def test_plans_measured_too_slow_are_not_trained(monkeypatch) -> None:
+    trials, trained = _optimize_timed(monkeypatch, [0.9] * 50, k=4)
     assert len(trials) >= 2
-    assert len(trained) == 1
+    assert trained == 1
     assert trials[0]["chosen"]
     assert trials[0]["measured_ratio"] == 0.55
     assert all(t["score"] is None and t["measured_ratio"] == 0.9 for t in trials[1:])
@@ -210,21 +210,8 @@ def test_plans_measured_too_slow_are_not_trained(monkeypatch) -> None:
 
 
 def test_slow_runners_up_are_passed_over_until_enough_can_be_trained(monkeypatch) -> None:
-    from test_optimize import _PredictingTable
-
-    # the table's calibration, the chosen plan in the band, then runners-up alternately too slow
-    _measured(monkeypatch, [1.0, 0.55] + [0.9, 0.55] * 50)
-    trained: list[int] = []
-    out = fxcompress.optimize(
-        _net(),
-        0.55,
-        data=DATA,
-        latency=_PredictingTable(),
-        plan_candidates=3,
-        trial_finetune=lambda relaxed: trained.append(1),
-    )
-    trials = out.meta["fxcompress"].trials
-    assert len(trained) == 3  # the best plan and two runners-up measured in the band
+    trials, trained = _optimize_timed(monkeypatch, [0.9, 0.55] * 50, k=3)
+    assert trained == 3  # the best plan and two runners-up measured in the band
     assert [t["measured_ratio"] for t in trials] == [0.55, 0.9, 0.55, 0.9, 0.55]
     assert [t["score"] is None for t in trials] == [False, True, False, True, False]
 
