@@ -13,7 +13,6 @@ spreads to ``results/accuracy_seeds.md`` (rows also to ``results/accuracy_seeds.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import statistics
 import time
@@ -34,19 +33,14 @@ def run(name: str, budget: float, seed: int) -> dict:
     x = data.test.x[:1]
     ref_d = B.deployable(model, x)
     ref_ms = paired_timing(ref_d, ref_d, (x,), pairs=S.pairs, threads=1).a_ms
-    distill = digits.distill
-    digits.distill = functools.partial(distill, seed=seed)  # what FinetuneMemo calls
-    try:
-        memo = B.FinetuneMemo(data, S.finetune_epochs, model, S.finetune)
-        trial = B.FinetuneMemo(data, S.trial_epochs, model, S.finetune)
-        ctx = B.Ctx(name, data, model, S, ref_d, ref_ms, memo, trial)
-        path = str(S.cache / "importance" / f"digits-{name}-ce.json")
-        out, note, _ = B.run_fxcompress(ctx, budget, B.FXC[B.TARGET], checkpoint=lambda: path)
-        fxc = ctx.measure(out, {"note": note}, full=False)
-        tp_model, tp_note = B.run_torch_pruning(ctx, fxc["ratio_b1"])
-        tp = ctx.measure(tp_model, {"note": tp_note}, full=False)
-    finally:
-        digits.distill = distill
+    memo = B.FinetuneMemo(data, S.finetune_epochs, model, S.finetune, seed=seed)
+    trial = B.FinetuneMemo(data, S.trial_epochs, model, S.finetune, seed=seed)
+    ctx = B.Ctx(name, data, model, S, ref_d, ref_ms, memo, trial)
+    path = str(S.cache / "importance" / f"digits-{name}-ce.json")
+    out, note, _ = B.run_fxcompress(ctx, budget, B.FXC[B.TARGET], checkpoint=lambda: path)
+    fxc = ctx.measure(out, {"note": note}, full=False)
+    tp_model, tp_note = B.run_torch_pruning(ctx, fxc["ratio_b1"])
+    tp = ctx.measure(tp_model, {"note": tp_note}, full=False)
     return {
         "model": name,
         "budget": budget,

@@ -161,9 +161,15 @@ class FinetuneMemo:
     """
 
     def __init__(
-        self, data: digits.DigitsData, epochs: int, teacher: nn.Module, how: str = "distill"
+        self,
+        data: digits.DigitsData,
+        epochs: int,
+        teacher: nn.Module,
+        how: str = "distill",
+        seed: int = 0,
     ) -> None:
         self.data, self.epochs, self.teacher, self.how = data, epochs, teacher, how
+        self.seed = seed
         self.done: dict[str, dict[str, torch.Tensor]] = {}
         self.hits = 0
 
@@ -184,9 +190,9 @@ class FinetuneMemo:
             self.hits += 1
             return
         if self.how == "distill":
-            digits.distill(model, self.teacher, self.data, epochs=self.epochs)
+            digits.distill(model, self.teacher, self.data, epochs=self.epochs, seed=self.seed)
         else:
-            digits.finetune(model, self.data, epochs=self.epochs)
+            digits.finetune(model, self.data, epochs=self.epochs, seed=self.seed)
         self.done[key] = copy.deepcopy(model.state_dict())
 
 

@@ -1109,9 +1109,9 @@ def _optimize_below_one(
         # noise must not trade it for one that changes the function
         logger.info("best plan has no damage: kept without trial fine-tunes")
     elif trial is not None:
-        plan, relaxed, result, ratio, trained = _choose_by_trial(
+        plan, ratio, trained = _choose_by_trial(
             model,
-            (plan, relaxed, result, ratio),
+            (plan, relaxed, ratio),
             inputs,
             keep[0],
             count=plan_candidates,
@@ -1119,7 +1119,6 @@ def _optimize_below_one(
             table=table,
             original_gm=original_gm,
             limit=high_ratio,
-            check=check,
             report=report,
             timings=timings,
             data=kw.get("data"),
@@ -1137,7 +1136,6 @@ def _optimize_below_one(
     elif finetune is not None:
         relaxed, result = _finetuned(model, plan, inputs, finetune, check, report, timings)
     if (trained is not None or finetune is not None) and table.mode == "measure":
-        original_gm = canonicalize(capture(model, inputs))
         o, f = _paired_latency(table, original_gm, result, inputs)
         report.final_ms = f / o * plan.original_ms
     return result, relaxed, plan
@@ -1145,7 +1143,7 @@ def _optimize_below_one(
 
 def _choose_by_trial(
     model: nn.Module,
-    chosen: tuple[Plan, fx.GraphModule, fx.GraphModule, float | None],
+    chosen: tuple[Plan, fx.GraphModule, float | None],
     inputs: tuple[Any, ...],
     prep: _Prepared,
     *,
@@ -1154,21 +1152,20 @@ def _choose_by_trial(
     table: LatencyTable,
     original_gm: fx.GraphModule,
     limit: float,
-    check: bool,
     report: Report,
     timings: dict[str, float],
     data: Iterable[Any] | None,
     loss_fn: Callable[[Any, Any], torch.Tensor] | None,
     calibration_batches: int,
     progress: bool | None,
-) -> tuple[Plan, fx.GraphModule, fx.GraphModule, float | None, fx.GraphModule]:
-    """The plan kept among ``chosen`` and its runners-up by a trial fine-tune of each.
+) -> tuple[Plan, float | None, fx.GraphModule]:
+    """The plan kept among ``chosen`` (plan, relaxed network, measured ratio) and its
+    runners-up by a trial fine-tune of each.
 
-    Returns the kept plan, its (untrained) relaxed and merged networks, its measured ratio and
-    its trial-trained relaxed network.
+    Returns the kept plan, its measured ratio and its trial-trained relaxed network.
     """
     t0 = time.perf_counter()
-    plan, relaxed, result, ratio = chosen
+    plan, relaxed, ratio = chosen
     # The runners-up by planned damage, until count plans can be trained: a runner-up that
     # relaxes to a network already seen is skipped, one measured slower than the limit is kept
     # on record but not trained. At most 4 * count runners-up are looked at and 2 * (count - 1)
@@ -1190,9 +1187,9 @@ def _choose_by_trial(
         if digest in seen:
             continue  # other decisions, the same trainable network (e.g. a one-item "merge")
         seen.add(digest)
-        merged = merge(other_relaxed)
         measured_ratio = None
         if table.mode == "measure":
+            merged = merge(other_relaxed)
             original_ms, measured = _paired_latency(table, original_gm, merged, inputs)
             measured_ratio = measured / original_ms
         plans.append(other)
@@ -1218,11 +1215,5 @@ def _choose_by_trial(
         len(plans),
         [t.score for t in picked.trials],
     )
-    if picked.index != 0:
-        plan, ratio = picked.plan, ratios[picked.index]
-        relaxed = relax(model, plan, inputs)
-        result = merge(relaxed)
-        if check:
-            report.max_rel_error = _check(relaxed, result, inputs, "merge of the kept plan")
     timings["select"] = time.perf_counter() - t0
-    return plan, relaxed, result, ratio, picked.trained
+    return picked.plan, ratios[picked.index], picked.trained

@@ -1025,8 +1025,9 @@ def ranked(problem: Problem, budget: float, *, resolution: int = 2000) -> Iterat
     # not S, some choice of T is not in S, and forbidding it keeps S available.
     yielded = {best.decisions}
     expanded: set[frozenset[int]] = set()
-    heap: list[tuple[float, float, tuple[tuple[str, int, int, str], ...], int, frozenset[int]]]
-    heap = []
+    # (damage, latency, decisions, tie-breaking counter, solution, forbidden set): the counter is
+    # unique, so the solution and the set are never compared
+    heap: list[tuple[float, float, tuple[Any, ...], int, Solution, frozenset[int]]] = []
     order = itertools.count()
 
     def expand(solution: Solution, forbidden: frozenset[int]) -> None:
@@ -1037,15 +1038,12 @@ def ranked(problem: Problem, budget: float, *, resolution: int = 2000) -> Iterat
             expanded.add(child)
             found = solve_avoiding(child)
             if found is not None:
-                key = (found.damage, found.latency, _order_key(found), next(order), child)
-                heapq.heappush(heap, key)
-                solutions[key[3]] = found
+                key = (found.damage, found.latency, _order_key(found), next(order))
+                heapq.heappush(heap, (*key, found, child))
 
-    solutions: dict[int, Solution] = {}
     expand(best, frozenset())
     while heap:
-        *_, number, forbidden = heapq.heappop(heap)
-        solution = solutions.pop(number)
+        *_, solution, forbidden = heapq.heappop(heap)
         # a configuration can be the best of several nodes: yield it once, expand every node
         if solution.decisions not in yielded:
             yielded.add(solution.decisions)
