@@ -5,10 +5,11 @@ For each model, batch size and budget: run ``fxcompress.optimize`` with the meas
 (result / original, timed alternately in the same run), the predicted ratio, and the wall time of
 each stage. Also times ResNet-34 end to end with a cold and a warm cache, and the DP alone.
 
-    python benchmarks/bench_depth.py                      # full run (long)
+    python benchmarks/bench_depth.py          # full run: ≈ 20 min at batch 1, ≈ 3 h at batch 32
     python benchmarks/bench_depth.py --models resnet18 --batches 1 --budgets 0.6
 
-Writes ``benchmarks/results/depth.md`` (tables) and ``depth.png`` (measured vs budget).
+Writes ``benchmarks/results/depth.md`` (tables) and ``depth.png`` (measured vs budget). Standard
+output carries only the rows as JSON lines (the format of ``--log``); messages go to stderr.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import contextlib
 import json
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -159,13 +161,19 @@ def append_log(log: Path | None, row: dict) -> None:
 
 
 def read_log(path: Path) -> tuple[list[dict], dict | None]:
-    """Rows of a log of this script's JSON lines; a later row replaces an earlier one."""
+    """Rows of a log of this script's JSON lines; a later row replaces an earlier one.
+
+    Every non-empty line must be a JSON object: anything else is an error, not skipped.
+    """
     rows: dict[tuple, dict] = {}
     e2e = None
-    for line in path.read_text().splitlines():
-        if not line.startswith("{"):
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
             continue
-        row = json.loads(line)
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            raise SystemExit(f"{path}:{number} is not a JSON line ({exc}): {line[:80]!r}") from exc
         if "resnet34_end_to_end" in row:
             e2e = row["resnet34_end_to_end"]
         else:
@@ -208,7 +216,7 @@ def write_markdown(rows: list[dict], e2e: dict | None, args: argparse.Namespace)
                   f"- cold cache: {e2e['cold']} s; warm cache: {e2e['warm']} s; "
                   f"DP alone: {e2e['dp_s']} s"]
     Path(args.out).write_text("\n".join(lines) + "\n")
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out}", file=sys.stderr)
 
 
 def _replans_detail(r: dict) -> str:
@@ -228,7 +236,7 @@ def write_plot(rows: list[dict], path: Path) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib not installed: no plot")
+        print("matplotlib not installed: no plot", file=sys.stderr)
         return
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for key in sorted({(r["model"], r["batch"]) for r in rows}):
@@ -244,7 +252,7 @@ def write_plot(rows: list[dict], path: Path) -> None:
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
+    print(f"wrote {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":

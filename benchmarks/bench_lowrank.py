@@ -1,28 +1,32 @@
 """ALDS low-rank decomposition vs the uniform-rank and SVD-energy baselines.
 
-Two parts:
+Three parts (all run by default):
 
 - ``digits``: a ResNet-20-style network (three stages of three basic blocks, width 16) trained on
   the scikit-learn digits (``benchmarks/digits.py``); for each method and fraction of parameters
   kept: test accuracy right after :func:`fxcompress.lowrank.decompose` and after the short
   retraining every compressed model of the benchmarks gets (``digits.finetune_schedule``), and
   the measured CPU latency ratio (batch 1 and 32).
+- ``latency``: ALDS under a measured-latency budget, no retraining (digits ResNet-20 at batch 32,
+  torchvision ResNet-18 at batch 1).
 - ``torchvision``: ResNet-18 and VGG-11 with random weights at 224x224, batch 1: parameters, MACs,
   measured CPU latency ratio and the time the decomposition takes.
 
-Latency ratios are measured in the same process, original and result alternately (median of
-three rounds of medians, one thread). Writes ``benchmarks/results/lowrank.md``, ``lowrank.json``
-and ``lowrank.png``.
+Latency ratios are measured in the same process, original and result alternately, like every
+latency ratio of fxcompress (:func:`fxcompress.timing.paired_timing`: interleaved timed runs, each
+side's time the low quantile :data:`fxcompress.timing.QUANTILE` of its runs; one thread). Writes
+``benchmarks/results/lowrank.md``, ``lowrank.json`` and ``lowrank.png``; the defaults produce the
+committed tables.
 
-    python benchmarks/bench_lowrank.py                 # both parts (about 15 min on 2 cores)
+    python benchmarks/bench_lowrank.py                 # all three parts (about 15 min on 2 cores)
     python benchmarks/bench_lowrank.py --parts digits --fractions 0.5 0.25
+    python benchmarks/bench_lowrank.py --render-only   # redraw md + png from lowrank.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -35,33 +39,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import digits
 from fxcompress.latency import LatencyTable
 from fxcompress.lowrank import ErrorCache, decompose
+from fxcompress.timing import QUANTILE, paired_timing
 
 RESULTS = Path(__file__).parent / "results"
 METHODS = ("alds", "uniform", "energy")
+PARTS = ("digits", "latency", "torchvision")
+#: timed runs of each side per latency ratio
+PAIRS = 15
+
+
+def timing() -> dict:
+    """How this script times latency ratios (recorded with each part's results)."""
+    return {"method": "paired_timing", "quantile": QUANTILE, "pairs": PAIRS, "threads": 1}
 
 
 def latency_ratio(
-    table: LatencyTable,
-    original: torch.nn.Module,
-    result: torch.nn.Module,
-    x: torch.Tensor,
-    rounds: int = 5,
+    original: torch.nn.Module, result: torch.nn.Module, x: torch.Tensor
 ) -> tuple[float, float]:
-    """(original ms, result / original): the median over rounds of paired ratios.
-
-    Each round times the original and then the result (each a median of the table's repeats),
-    so load on the shared machine that drifts between rounds affects both sides of a ratio.
-    """
-    times, ratios = [], []
-    for _ in range(rounds):
-        a = table.measure_module(original, (x,))
-        b = table.measure_module(result, (x,))
-        times.append(a)
-        ratios.append(b / a)
-    return statistics.median(times), statistics.median(ratios)
+    """(original ms, result / original), timed alternately (see :func:`timing`)."""
+    t = paired_timing(original, result, (x,), pairs=PAIRS, threads=1)
+    return t.a_ms, t.ratio
 
 
-def run_digits(fractions: list[float], epochs: int, table: LatencyTable) -> dict:
+def run_digits(fractions: list[float], epochs: int) -> dict:
     data = digits.load_digits_split(seed=0)
     model = digits.trained("resnet", data, blocks=(3, 3, 3))
     base = digits.evaluate(model, data.test)
@@ -94,7 +94,7 @@ def run_digits(fractions: list[float], epochs: int, table: LatencyTable) -> dict
             lat = {}
             for batch in (1, 32):
                 x = data.test.x[:batch]
-                _, lat[batch] = latency_ratio(table, model, tuned, x)
+                _, lat[batch] = latency_ratio(model, tuned, x)
             row = {
                 "method": method,
                 "fraction": fraction,
@@ -159,7 +159,7 @@ def run_latency_budget(fractions: list[float], table: LatencyTable) -> dict:
                 continue
             seconds = time.perf_counter() - t0
             report = gm.meta["fxcompress.lowrank"]
-            _, ratio = latency_ratio(table, model, gm, x)
+            _, ratio = latency_ratio(model, gm, x)
             rows.append(
                 {
                     "case": case,
@@ -185,7 +185,7 @@ TV_SETUP = {
 }
 
 
-def run_torchvision(names: list[str], fractions: list[float], table: LatencyTable) -> list[dict]:
+def run_torchvision(names: list[str], fractions: list[float]) -> list[dict]:
     rows = []
     for name in names:
         with torch.random.fork_rng(devices=[]):
@@ -210,7 +210,7 @@ def run_torchvision(names: list[str], fractions: list[float], table: LatencyTabl
                 )
                 seconds = time.perf_counter() - t0
                 report = gm.meta["fxcompress.lowrank"]
-                original_ms, ratio = latency_ratio(table, model, gm, x)
+                original_ms, ratio = latency_ratio(model, gm, x)
                 row = {
                     "model": name,
                     "method": method,
@@ -229,8 +229,29 @@ def run_torchvision(names: list[str], fractions: list[float], table: LatencyTabl
     return rows
 
 
+def timing_note(results: dict, part: str) -> str:
+    """How ``part``'s latency ratios were timed, from what ``results`` recorded."""
+    timing = results.get("timing", {}).get(part)
+    if timing is None:
+        return (
+            "median over 5 rounds of paired ratios, each side the median of 15 timed runs: "
+            "timed before this benchmark used `fxcompress.timing`"
+        )
+    return (
+        f"{timing['pairs']} interleaved timed runs of each, each side the {timing['quantile']} "
+        "quantile of its runs: `fxcompress.timing.paired_timing`"
+    )
+
+
 def render(results: dict) -> str:
-    lines = ["# Low-rank decomposition: ALDS vs uniform rank vs SVD energy", ""]
+    lines = [
+        "# Low-rank decomposition: ALDS vs uniform rank vs SVD energy",
+        "",
+        "Reproduce: `.venv/bin/python benchmarks/bench_lowrank.py` (its defaults run the three "
+        "parts below with these budgets, about 15 min on 2 cores; `--render-only` redraws this "
+        "file and `lowrank.png` from `lowrank.json`).",
+        "",
+    ]
     d = results.get("digits")
     if d:
         lines += [
@@ -239,7 +260,7 @@ def render(results: dict) -> str:
             f"retrained with the same {d['epochs']}-epoch schedule: {d['base_ft_acc']:.4f}. "
             "Budget: fraction of all parameters kept. 'acc' right after the decomposition, "
             "'retrained' after the short retraining; latency = measured CPU ratio vs the "
-            "original (1 thread).",
+            f"original (1 thread; {timing_note(results, 'digits')}).",
             "",
             "| method | budget | params kept | MACs kept | max error | layers decomposed | acc "
             "| retrained | Δ retrained vs base | latency b1 | latency b32 |",
@@ -261,7 +282,8 @@ def render(results: dict) -> str:
         lines += [
             "ALDS under a measured-latency budget (k ≤ 2, 8 candidate ranks; every candidate "
             "pair and the whole model timed, the rest of the network = whole − layers): predicted "
-            "and measured latency ratio, no retraining.",
+            "and measured latency ratio, no retraining (measured ratio: "
+            f"{timing_note(results, 'latency')}).",
             "",
             "| model | budget | predicted | measured | params kept | layers decomposed | acc |",
             "|---|---|---|---|---|---|---|",
@@ -284,7 +306,8 @@ def render(results: dict) -> str:
         lines += [
             "torchvision models, random weights, 1×3×224×224, ALDS with k ≤ 4 and 16 candidate "
             "ranks per (layer, k); VGG-11 under a MAC budget with its classifier left dense. "
-            "Latency = measured CPU ratio vs the original (1 thread).",
+            "Latency = measured CPU ratio vs the original (1 thread; "
+            f"{timing_note(results, 'torchvision')}).",
             "",
             "| model | method | budget | params kept | MACs kept | max error | latency b1 "
             "| original ms | decompose s |",
@@ -365,17 +388,23 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; its defaults produce the committed ``results/lowrank.md``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", nargs="+", default=["digits", "torchvision"])
-    parser.add_argument("--fractions", nargs="+", type=float, default=[0.75, 0.5, 0.35, 0.25])
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    parser.add_argument("--fractions", nargs="+", type=float, default=[0.5, 0.35, 0.25],
+                        help="digits: fractions of the parameters kept")
     parser.add_argument("--tv-fractions", nargs="+", type=float, default=[0.5, 0.25])
     parser.add_argument("--latency-fractions", nargs="+", type=float, default=[0.99, 0.8, 0.6])
     parser.add_argument("--models", nargs="+", default=["resnet18", "vgg11"])
     parser.add_argument("--epochs", type=int, default=4, help="retraining epochs")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--render-only", action="store_true", help="redraw md + png from json")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     torch.set_num_threads(1)
     table = LatencyTable(mode="measure", threads=1, repeats=15, warmup=3)
     out = Path(args.out)
@@ -385,14 +414,16 @@ def main() -> None:
     results: dict = json.loads(json_path.read_text()) if json_path.exists() else {}
     if args.render_only:
         args.parts = []
-    if "digits" in args.parts:
-        results["digits"] = run_digits(args.fractions, args.epochs, table)
-        json_path.write_text(json.dumps(results, indent=1))
-    if "latency" in args.parts:
-        results["latency"] = run_latency_budget(args.latency_fractions, table)
-        json_path.write_text(json.dumps(results, indent=1))
-    if "torchvision" in args.parts:
-        results["torchvision"] = run_torchvision(args.models, args.tv_fractions, table)
+    for part in PARTS:
+        if part not in args.parts:
+            continue
+        if part == "digits":
+            results[part] = run_digits(args.fractions, args.epochs)
+        elif part == "latency":
+            results[part] = run_latency_budget(args.latency_fractions, table)
+        else:
+            results[part] = run_torchvision(args.models, args.tv_fractions)
+        results.setdefault("timing", {})[part] = timing()
         json_path.write_text(json.dumps(results, indent=1))
     (out / "lowrank.md").write_text(render(results))
     plot(results, out / "lowrank.png")

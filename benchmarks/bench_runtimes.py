@@ -9,9 +9,12 @@ result are each run under three runtimes:
 - ``onnxruntime``: ``torch.onnx.export(..., dynamo=True)`` of each, run by onnxruntime on CPU with
   the same number of intra-op threads as torch.
 
-Each runtime's ratio is result / original; the two are timed alternately (a round = warm-up, then
-the median of ``--iters`` calls of each), and the ratio reported is the median over ``--rounds``
-rounds, so drifting machine load hits both alike. Every runtime's output is also compared with the
+Each runtime's ratio is result / original, timed like every latency ratio of fxcompress: with
+:func:`fxcompress.timing.paired_timing` (warm-up, then ``--pairs`` timed runs of each, interleaved,
+each side's time the low quantile :data:`fxcompress.timing.QUANTILE` of its runs), so drifting
+machine load hits both alike and bursts of load from other jobs, which only slow runs down, are left
+out. Rows logged before this script used it (no ``timing`` key) were timed as the median over 5
+rounds of the median of 20 calls. Every runtime's output is also compared with the
 eager result (max absolute difference, recorded). Budget 1.0 (only exact rewrites: BatchNorm
 folding) is included as the baseline of what a runtime that fuses BatchNorm itself gets anyway.
 
@@ -29,7 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -41,6 +44,7 @@ import torch
 import torchvision
 
 import fxcompress
+from fxcompress.timing import QUANTILE, paired_timing
 
 RESULTS = Path(__file__).parent / "results"
 RUNTIMES = ("eager", "compile", "onnxruntime")
@@ -86,27 +90,27 @@ def runners(model: torch.nn.Module, x: torch.Tensor, threads: int) -> dict[str, 
     }
 
 
-def median_ms(fn: Callable[[], Any], iters: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+class _Call(torch.nn.Module):
+    """A runtime's call as a module without inputs, so that ``paired_timing`` can time it."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self) -> Any:
+        return self.fn()
 
 
 def paired(
-    original: Callable[[], Any], result: Callable[[], Any], rounds: int, iters: int
-) -> tuple[float, float, float]:
-    """(median original ms, median result ms, median per-round ratio), timed alternately."""
-    a, b = [], []
-    for _ in range(rounds):
-        a.append(median_ms(original, iters, warmup=3))
-        b.append(median_ms(result, iters, warmup=3))
-    ratio = statistics.median(y / x for x, y in zip(a, b))
-    return statistics.median(a), statistics.median(b), ratio
+    original: Callable[[], Any], result: Callable[[], Any], pairs: int
+) -> tuple[float, float, float, float]:
+    """(original ms, result ms, result / original, spread of the per-pair ratios).
+
+    :func:`fxcompress.timing.paired_timing`: interleaved timed runs, each side's time the
+    :data:`~fxcompress.timing.QUANTILE` quantile of its runs.
+    """
+    t = paired_timing(_Call(original), _Call(result), (), pairs=pairs)
+    return t.a_ms, t.b_ms, t.ratio, t.spread
 
 
 def run_model(name: str, budgets: list[float], done: set, args: argparse.Namespace, log: Path):
@@ -124,7 +128,12 @@ def run_model(name: str, budgets: list[float], done: set, args: argparse.Namespa
     for budget in budgets:
         if (name, budget, args.size) in done:
             continue
-        row: dict[str, Any] = {"model": name, "budget": budget, "size": args.size}
+        row: dict[str, Any] = {
+            "model": name,
+            "budget": budget,
+            "size": args.size,
+            "timing": {"method": "paired_timing", "quantile": QUANTILE, "pairs": args.pairs},
+        }
         t0 = time.perf_counter()
         try:
             out = fxcompress.optimize(
@@ -148,8 +157,9 @@ def run_model(name: str, budgets: list[float], done: set, args: argparse.Namespa
         row["output_max_abs"] = float(np.abs(expected).max())
         for rt in RUNTIMES:
             row[f"{rt}_max_abs_vs_eager"] = float(np.abs(comp[rt]() - expected).max())
-            o, r, ratio = paired(base[rt], comp[rt], args.rounds, args.iters)
-            row[rt] = {"original_ms": round(o, 3), "result_ms": round(r, 3), "ratio": ratio}
+            o, r, ratio, spread = paired(base[rt], comp[rt], args.pairs)
+            row[rt] = {"original_ms": round(o, 3), "result_ms": round(r, 3), "ratio": ratio,
+                       "spread": round(spread, 3)}
         append(log, row)
 
 
@@ -160,9 +170,18 @@ def append(log: Path, row: dict) -> None:
 
 
 def read_log(log: Path) -> list[dict]:
+    """The rows of ``log``: one JSON object per line (a line that is not one is an error)."""
     if not log.exists():
         return []
-    return [json.loads(ln) for ln in log.read_text().splitlines() if ln.startswith("{")]
+    rows = []
+    for number, line in enumerate(log.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError as exc:
+            raise SystemExit(f"{log}:{number} is not a JSON line ({exc}): {line[:80]!r}") from exc
+    return rows
 
 
 def main() -> None:
@@ -174,8 +193,8 @@ def main() -> None:
     ap.add_argument("--cache-dir", default=str(RESULTS.parent / ".cache"))
     ap.add_argument("--threads", type=int, default=1,
                     help="intra-op threads of torch and onnxruntime (1: robust when shared)")
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--pairs", type=int, default=30,
+                    help="interleaved timed runs of each side (fxcompress.timing.paired_timing)")
     ap.add_argument("--log", default=str(RESULTS / "runtimes.jsonl"),
                     help="JSON lines of finished rows: appended to, and skipped on a re-run")
     ap.add_argument("--out", default=str(RESULTS / "runtimes.md"))
@@ -196,6 +215,22 @@ def main() -> None:
     write_plot(rows, Path(args.out).with_suffix(".png"))
 
 
+def timing_note(rows: list[dict]) -> str:
+    """How the rows' ratios were timed, from what each row recorded."""
+    methods = {json.dumps(r.get("timing"), sort_keys=True) for r in rows if "infeasible" not in r}
+    notes = []
+    for m in sorted(methods):
+        timing = json.loads(m)
+        if timing is None:
+            notes.append("rows logged before this benchmark used `fxcompress.timing`: median over "
+                         "5 rounds of the median of 20 calls after warm-up")
+        else:
+            notes.append(f"{timing['pairs']} interleaved timed runs of each after warm-up, each "
+                         f"side the {timing['quantile']} quantile of its runs "
+                         "(`fxcompress.timing.paired_timing`)")
+    return "; ".join(notes) or "no rows"
+
+
 def write_markdown(rows: list[dict], args: argparse.Namespace) -> None:
     lines = [
         "# Speed-up under the deployment runtime",
@@ -203,12 +238,11 @@ def write_markdown(rows: list[dict], args: argparse.Namespace) -> None:
         f"CPU, {args.threads} thread(s) (torch and onnxruntime intra-op), batch 1, "
         f"{args.size}×{args.size}, random weights, latency table `{args.latency}`. "
         "Ratio = result / original latency under the same runtime, timed alternately in the "
-        f"same process (median over {args.rounds} rounds of the median of {args.iters} calls "
-        "after warm-up). Budget 1.0 applies only exact rewrites (BatchNorm folding). The "
-        "machine is shared with other jobs (2 cores, load average 4–6 during the run, run "
-        "under `nice`), so a single thread is used: with 2 threads, torch's eager latency "
-        "varied 5× between calls under that load. Ratios are noisy by a few per cent, "
-        "absolute times more.",
+        f"same process ({timing_note(rows)}). Budget 1.0 applies only exact rewrites "
+        "(BatchNorm folding). The machine is shared with other jobs (2 cores, load average "
+        "4–6 during the run, run under `nice`), so a single thread is used: with 2 threads, "
+        "torch's eager latency varied 5× between calls under that load. Ratios are noisy by a "
+        "few per cent, absolute times more.",
         "",
         "| model | budget | eager ratio | torch.compile ratio | onnxruntime ratio | "
         "original ms (eager / compile / ort) | segments | max abs diff vs eager, compile / ort "
@@ -232,7 +266,7 @@ def write_markdown(rows: list[dict], args: argparse.Namespace) -> None:
         "renders).",
     ]
     Path(args.out).write_text("\n".join(lines) + "\n")
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out}", file=sys.stderr)
 
 
 def _diff(row: dict, runtime: str) -> str:
@@ -248,7 +282,7 @@ def write_plot(rows: list[dict], path: Path) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib not installed: no plot")
+        print("matplotlib not installed: no plot", file=sys.stderr)
         return
     models = [m for m in MODELS if any(r["model"] == m for r in rows)]
     models += sorted({r["model"] for r in rows} - set(models))
@@ -269,7 +303,7 @@ def write_plot(rows: list[dict], path: Path) -> None:
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
+    print(f"wrote {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":
