@@ -9,6 +9,7 @@ Budgets below 1 need all stages; ``budget=1.0`` only runs the function-preservin
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import logging
@@ -24,6 +25,7 @@ import torch
 from torch import fx, nn
 
 from . import planner, selection
+from ._graph import clone, clone_tensors
 from .analysis import Analysis, Residual, analyze
 from .canonicalize import canonicalize
 from .capture import capture, normalize_inputs, propagate_shapes
@@ -37,7 +39,7 @@ from .importance import (
     score_candidates,
 )
 from .latency import LatencyTable, OpSpec
-from .merge import merge
+from .merge import SEGMENT, merge
 from .planning import (
     DROP,
     baseline_latency,
@@ -224,12 +226,7 @@ def _inputs_for(example_inputs: Any, data: Iterable[Any] | None) -> tuple[Any, .
     from .importance import split_batch
 
     for batch in data:
-        try:
-            return split_batch(batch)[0]
-        except TypeError as exc:
-            raise InvalidArgument(
-                f"data batches must be tensors or (inputs, targets): {exc}"
-            ) from exc
+        return split_batch(batch)[0]
     raise InvalidArgument("data is empty and example_inputs is not given: nothing to trace with")
 
 
@@ -297,8 +294,13 @@ def _tolerance(inputs: tuple[Any, ...]) -> float:
 
 
 def _check(reference: nn.Module, result: nn.Module, inputs: tuple[Any, ...], what: str) -> float:
+    """The largest relative error of ``result`` against ``reference`` on ``inputs``.
+
+    Each runs on its own copy of the inputs: a model that writes its inputs in place must
+    neither change the caller's tensors nor what the other one sees.
+    """
     with torch.no_grad():
-        err = _max_rel_error(result(*inputs), reference(*inputs))
+        err = _max_rel_error(result(*clone_tensors(inputs)), reference(*clone_tensors(inputs)))
     if not err <= _tolerance(inputs):
         raise RewriteError(
             f"{what} changed the model's outputs (max relative error {err:.3g}); "
@@ -631,17 +633,33 @@ def optimize(
     ----------
     model : torch.nn.Module
         The trained model. It is not modified (weights and ``training`` flag stay as they are).
+        A submodule with forward hooks or pre-hooks is kept as it is, hooks and all (never
+        rewritten, canonicalised or folded; listed among the parts left as they are); see
+        :func:`fxcompress.capture.capture`.
     budget : float or Budget
         Target latency as a fraction of the original in (0, 1]; ``1.0`` applies only
-        function-preserving rewrites (BatchNorm folding, exact merges, skip folds).
+        function-preserving rewrites (BatchNorm folding, exact merges, skip folds), and so do
+        ``Budget(speedup=1)`` and a ``Budget(latency_ms=...)`` not below the original latency.
     example_inputs : Tensor or tuple of Tensor, optional
-        Inputs to trace with; by default the first batch of ``data``.
+        Inputs to trace with; by default the first batch of ``data``. Neither they nor the
+        ``data`` batches are ever written: every run of the model, of a candidate, a trial, a
+        timing or a check sees copies, so a model that writes its inputs in place is safe.
     data : iterable, optional
-        Calibration batches (``inputs`` or ``(inputs, targets)``) to score merge options.
+        Calibration batches to score merge options: a tensor, a tuple of positional inputs, or
+        ``(inputs, targets)``. A dict batch raises :class:`InvalidArgument` (inputs are passed
+        positionally; map such a loader to ``(inputs, targets)`` tuples).
     loss_fn : callable, optional
         ``loss_fn(outputs, targets)``; without it, damage is the loss of output fidelity.
     finetune : callable, optional
-        ``finetune(relaxed)`` trains the relaxed model in place before the final merge.
+        ``finetune(relaxed)`` trains the relaxed model (a fresh ``torch.fx.GraphModule``) before
+        the final merge. It arrives in **eval mode**: BatchNorm uses its running statistics
+        unless the callback calls ``relaxed.train()`` (as :class:`~fxcompress.Distill` does).
+        The callback either trains it in place and returns None, or returns the trained model
+        (an ``nn.Module``, e.g. a trained copy), which is then merged instead; any other return
+        value raises :class:`InvalidArgument`. Either way the model is put back in eval mode
+        and merged. With ``methods=("lowrank",)`` a returned model must have the parameters of
+        the one given (its weights are copied back). Without any fine-tuning, a budget whose
+        plan changes the function logs a warning (logger ``fxcompress``).
     latency : {"measure", "flops"} or LatencyTable
         Measured latency table on ``device`` (cached in ``cache_dir``) or an analytic model.
     device : str, optional
@@ -655,7 +673,9 @@ def optimize(
         then also be ``Budget(params=...)`` or ``Budget(macs=...)``.
     check : bool
         Compare every exact step numerically against its reference and raise
-        :class:`RewriteError` if it differs.
+        :class:`RewriteError` if it differs. The reference of the captured graph, and at a
+        budget of 1 of the result, is the caller's model itself (an eval-mode copy run
+        eagerly), never a trace of it.
     cache_dir : str, optional
         Directory of the persistent latency cache.
     progress : bool, optional
@@ -695,7 +715,7 @@ def optimize(
     trial_finetune : callable, optional
         ``trial_finetune(relaxed)`` for ``plan_candidates > 1``, typically a shorter version of
         ``finetune`` (e.g. ``Distill(..., epochs=1)``). By default ``finetune`` itself, whose
-        result for the kept plan is then used directly.
+        result for the kept plan is then used directly. Same contract as ``finetune``.
 
     Returns
     -------
@@ -707,7 +727,9 @@ def optimize(
     InvalidArgument
         Bad budget, inputs, methods or latency.
     CaptureError
-        The model cannot be traced (the message suggests ``leaf_modules``).
+        The model cannot be traced (the message suggests ``leaf_modules``), fails on the
+        example inputs (the message holds the underlying error), or has hooks no graph can
+        keep (on the top-level module, or global module hooks).
     InfeasibleBudget
         The budget is below the lowest reachable latency (given in the message).
 
@@ -749,8 +771,11 @@ def optimize(
 
     t0 = time.perf_counter()
     gm = canonicalize(capture(model, inputs, leaf_modules=leaf_modules, check=check))
+    # the reference of the final check is the caller's model itself (an eval-mode copy run
+    # eagerly), not a trace of it: a trace can already differ (e.g. a dropped hook)
+    eager = copy.deepcopy(model).eval() if check else None
     report = Report(
-        budget=b.fraction if b.fraction is not None else float("nan"),
+        budget=_report_budget(b),
         latency_mode=table.mode,
         params_before=count_params(gm),
         macs_before=count_macs(gm),
@@ -758,14 +783,17 @@ def optimize(
     report.events = list(gm.meta.get("fxcompress.events", []))
     timings["capture"] = time.perf_counter() - t0
 
-    if b.fraction == 1.0:
+    exact, merged = _exact_only(b, gm, table, inputs, report)
+    if exact:
         t0 = time.perf_counter()
-        result = merge(gm)
+        result = merged if merged is not None else merge(gm)
         timings["merge"] = time.perf_counter() - t0
-        if check:
-            report.max_rel_error = _check(gm, result, inputs, "merge")
-        report.kept = [list(k) for k in analyze(gm).kept]
+        if eager is not None:
+            report.max_rel_error = _check(eager, result, inputs, "capture and merge")
+        report.kept = _kept(gm)
     else:
+        if eager is not None:
+            _check(eager, gm, inputs, "capture and canonicalization")
         result, _relaxed, plan = _optimize_below_one(
             model,
             b,
@@ -792,21 +820,10 @@ def optimize(
         report.predicted_ms = plan.predicted_ms
         report.damage = plan.damage
         ms = plan.segment_ms or ((float("nan"), float("nan")),) * len(plan.segments)
-        report.decisions = [
-            {
-                "chain": c,
-                "start": s,
-                "stop": e,
-                "key": k,
-                "pruned": list(p),
-                "ms_kept": before,
-                "ms_planned": after,
-            }
-            for (c, s, e, k, p), (before, after) in zip(plan.segments, ms)
-        ]
+        report.decisions = Report.decisions_of(gm, plan.segments, ms)  # names the layers
         report.original_ms = plan.original_ms
         report.front = [[float(ms), float(dmg)] for ms, dmg in plan.front]
-        report.kept = [list(k) for k in analyze(gm).kept]
+        report.kept = _kept(gm)
     report.events += [e for e in result.meta.get("fxcompress.events", []) if e not in report.events]
     report.params_after = count_params(result)
     report.macs_after = count_macs(result)
@@ -817,6 +834,61 @@ def optimize(
     result.meta["fxcompress"] = report
     logger.info("optimize done: %s", report.to_markdown().splitlines()[4:6])
     return result
+
+
+def _report_budget(b: Budget, original_ms: float | None = None) -> float:
+    """The budget as a fraction of the original latency, for the report (NaN if not known:
+    a ``latency_ms`` budget before the original is timed, a parameter or MAC budget)."""
+    if not b.is_latency or (b.latency_ms is not None and not original_ms):
+        return float("nan")
+    return b.fraction_of(original_ms or 1.0)
+
+
+def _exact_only(
+    b: Budget, gm: fx.GraphModule, table: LatencyTable, inputs: tuple[Any, ...], report: Report
+) -> tuple[bool, fx.GraphModule | None]:
+    """Whether ``b`` asks for no speed-up, so only function-preserving rewrites run.
+
+    That is ``budget=1.0``, ``Budget(speedup=1)`` and a ``Budget(latency_ms=...)`` at or above
+    the original latency. The latter is timed here (with the exact merge, returned for reuse).
+    """
+    if b.fraction == 1.0 or b.speedup == 1.0:
+        return True, None
+    if b.latency_ms is None:
+        return False, None
+    merged = merge(gm)
+    if table.mode == "measure":
+        original, exact_ms = _paired_latency(table, gm, merged, inputs)
+        report.original_ms, report.final_ms = original, exact_ms
+    else:
+        analysis = analyze(gm)
+        dtype = _dtype_name(gm)
+        original = baseline_latency(analysis, table, dtype) + _rest_estimate(
+            gm, analysis, table, dtype
+        )
+    report.budget = _report_budget(b, original)
+    if b.latency_ms >= original:
+        logger.info(
+            "budget %.3f ms is not below the original latency %.3f ms: exact rewrites only",
+            b.latency_ms,
+            original,
+        )
+        return True, merged
+    report.original_ms = report.final_ms = None  # the plan's own timing takes over
+    return False, None
+
+
+def _kept(gm: fx.GraphModule) -> list[list[str]]:
+    """The parts left as they are, with why; a hooked module says which hooks keep it."""
+    hooked = gm.meta.get("fxcompress.hooked", {})
+    targets = {n.name: str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+    kept = []
+    for node, reason in analyze(gm).kept:
+        target = targets.get(node)
+        if target in hooked:
+            reason = f"module '{target}' has {', '.join(hooked[target])}"
+        kept.append([node, reason])
+    return kept
 
 
 def _check_trial(
@@ -877,7 +949,7 @@ def _optimize_lowrank(
         target,
         inputs,
         latency=table,
-        finetune=finetune,
+        finetune=None if finetune is None else _weights_back(finetune),
         check=check,
         progress=progress,
         leaf_modules=leaf_modules,
@@ -885,7 +957,7 @@ def _optimize_lowrank(
     decomposition = result.meta["fxcompress.lowrank"]
     original = canonicalize(capture(model, inputs, leaf_modules=leaf_modules))
     report = Report(
-        budget=b.fraction if b.fraction is not None else float("nan"),
+        budget=_report_budget(b),
         latency_mode=table.mode,
         params_before=count_params(original),
         params_after=count_params(result),
@@ -896,8 +968,39 @@ def _optimize_lowrank(
     report.stage_seconds = {"lowrank": time.perf_counter() - t0}
     if table.mode == "measure":
         report.original_ms, report.final_ms = _paired_latency(table, original, result, inputs)
+        report.budget = _report_budget(b, report.original_ms)
+    if finetune is None and report.macs_after != report.macs_before:
+        logger.warning(
+            "the low-rank factors approximate the layers they replace and no fine-tuning was "
+            "asked for, so the result is not trained to recover; pass finetune= to optimize"
+        )
     result.meta["fxcompress"] = report
     return result
+
+
+def _weights_back(finetune: Callable[[fx.GraphModule], Any]) -> Callable[[fx.GraphModule], None]:
+    """``finetune`` for a pass that merges the model it hands over: a returned model's weights
+    are copied back into it (they must have the same names and shapes)."""
+
+    def run(gm: fx.GraphModule) -> None:
+        out = finetune(gm)
+        if out is None or out is gm:
+            return
+        if not isinstance(out, nn.Module):
+            raise InvalidArgument(
+                f"finetune returned {_short(out)} (type={type(out).__name__}); it must train "
+                "the model it is given in place and return None, or return the trained model"
+            )
+        try:
+            gm.load_state_dict(out.state_dict())
+        except RuntimeError as exc:
+            raise InvalidArgument(
+                f"finetune returned a {type(out).__name__} whose parameters are not those of "
+                f"the model it was given ({str(exc).splitlines()[0]}); with methods=('lowrank',) "
+                "train the given model in place, or return a trained copy of it"
+            ) from None
+
+    return run
 
 
 def _paired_latency(
@@ -923,14 +1026,55 @@ def _finetuned(
 ) -> tuple[fx.GraphModule, fx.GraphModule]:
     """``plan`` relaxed afresh, fine-tuned by the caller's callback, and merged."""
     t0 = time.perf_counter()
-    relaxed = relax(model, plan, inputs)
-    finetune(relaxed)
-    relaxed.eval()
+    relaxed = _run_finetune(finetune, relax(model, plan, inputs), inputs, plan, "finetune")
     result = merge(relaxed)
     timings["finetune"] = time.perf_counter() - t0
     if check:
         report.max_rel_error = _check(relaxed, result, inputs, "merge of the fine-tuned model")
     return relaxed, result
+
+
+def _run_finetune(
+    fn: Callable[[fx.GraphModule], Any],
+    relaxed: fx.GraphModule,
+    inputs: tuple[Any, ...],
+    plan: Plan,
+    name: str,
+) -> fx.GraphModule:
+    """Run the caller's fine-tune ``fn`` on ``relaxed``; the eval-mode graph to merge after it.
+
+    The contract (see :func:`optimize`): ``fn`` gets ``relaxed`` in eval mode and trains it in
+    place (returning None), or returns the trained model, which is then merged instead. A
+    returned ``nn.Module`` that is not ``relaxed`` is copied (a module other than a GraphModule
+    is captured), its shapes are recorded on ``inputs``, and the planned segments are marked on
+    the nodes it shares by name with ``relaxed``, so that :func:`merge` merges them as planned.
+    """
+    out = fn(relaxed)
+    if out is None or out is relaxed:
+        return relaxed.eval()
+    if not isinstance(out, nn.Module):
+        raise InvalidArgument(
+            f"{name} returned {_short(out)} (type={type(out).__name__}); it must train the "
+            "relaxed model it is given in place and return None, or return the trained model "
+            "(an nn.Module, e.g. a trained copy of the relaxed GraphModule) to merge instead"
+        )
+    if isinstance(out, fx.GraphModule):
+        trained = clone(out).eval()
+        propagate_shapes(trained, inputs)
+    else:
+        trained = canonicalize(capture(out, inputs, leaf_modules=plan.leaf_modules))
+    tags = {n.name: n.meta[SEGMENT] for n in relaxed.graph.nodes if SEGMENT in n.meta}
+    for node in trained.graph.nodes:
+        if node.name in tags and SEGMENT not in node.meta:
+            node.meta[SEGMENT] = tags[node.name]
+    trained.meta.setdefault("fxcompress.plan", plan.to_dict())
+    logger.info("%s returned a %s: merging it", name, type(out).__name__)
+    return trained
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _next_target(history: list[tuple[float, float]], aim: float) -> float:
@@ -981,6 +1125,7 @@ def _optimize_below_one(
     plan = make_plan(model, b, inputs, latency=table, _timings=timings, _keep=keep, **kw_plan)
     goal = plan.budget_ms
     goal_ratio = goal / plan.original_ms
+    report.budget = _report_budget(b, plan.original_ms)
     # the accepted band of measured ratios; a re-plan aims inside it, nearer its top (least damage)
     low_ratio, high_ratio, aim = 0.85 * goal_ratio, 1.05 * goal_ratio, 0.96 * goal_ratio
     original_gm = canonicalize(capture(model, inputs, leaf_modules=kw.get("leaf_modules", ())))
@@ -1135,6 +1280,15 @@ def _optimize_below_one(
             report.max_rel_error = _check(relaxed, result, inputs, "merge of the trained model")
     elif finetune is not None:
         relaxed, result = _finetuned(model, plan, inputs, finetune, check, report, timings)
+    elif plan.damage > 0:
+        logger.warning(
+            "budget %.3g changes the model's function (planned damage %.3g: activations "
+            "removed or layers pruned) and no fine-tuning was asked for, so the result is not "
+            "trained to recover; pass finetune= (e.g. fxcompress.Distill(model, data)) to "
+            "optimize",
+            goal_ratio,
+            plan.damage,
+        )
     if (trained is not None or finetune is not None) and table.mode == "measure":
         o, f = _paired_latency(table, original_gm, result, inputs)
         report.final_ms = f / o * plan.original_ms
@@ -1198,13 +1352,17 @@ def _choose_by_trial(
     calib = Calibration.from_data(data, inputs, max_batches=calibration_batches)
     loss = loss_fn if calib.targets[0] is not None else None
     reference = reference_outputs(original_gm, calib)
+    def run_trial(net: fx.GraphModule) -> fx.GraphModule:
+        plan = Plan.from_dict(net.meta["fxcompress.plan"])  # set by relax
+        return _run_finetune(trial, net, inputs, plan, "trial_finetune")
+
     picked = selection.choose(
         plans,
         ratios,
         limit=limit,
         describe=lambda p: (p.damage, p.predicted_ms),
         relax=lambda p: relax(model, p, inputs),
-        trial=trial,
+        trial=run_trial,
         score=lambda net: evaluate(net, calib, reference, loss),
         progress=progress,
     )

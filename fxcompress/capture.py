@@ -9,7 +9,13 @@ Invariants of a captured module:
 - (with ``check=True``, the default) it computes what the model computes on the example inputs:
   ``torch.fx`` can trace a different function without failing, e.g. ``a += b`` where another
   name still refers to ``a``;
-- the example inputs are never written, even by a model that writes its inputs in place.
+- the example inputs are never written, even by a model that writes its inputs in place;
+- a submodule with forward hooks or forward pre-hooks is a leaf of the trace, installed inside a
+  :class:`Hooked` wrapper that no pass recognises, so it is kept exactly as it is (hooks and all)
+  and never rewritten, canonicalised or folded; ``gm.meta["fxcompress.hooked"]`` maps its
+  qualified name to its hooks. Hooks on the top-level module and global hooks
+  (``torch.nn.modules.module.register_module_forward_hook``) cannot be kept in a graph and are
+  refused with :class:`~fxcompress.errors.CaptureError`.
 """
 
 from __future__ import annotations
@@ -23,14 +29,16 @@ from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.node import map_aggregate
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
+from torch.nn.modules import module as _module_globals
 
 from ._graph import clone_tensors, compare_outputs
 from .errors import CaptureError, InvalidArgument
 from .modules import Pad
 from .ops import module_call_counts
 
-__all__ = ["capture", "normalize_inputs", "propagate_shapes"]
+__all__ = ["Hooked", "capture", "forward_hooks", "normalize_inputs", "propagate_shapes"]
 
 logger = logging.getLogger("fxcompress.capture")
 
@@ -90,6 +98,87 @@ def _short(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+class Hooked(nn.Module):
+    """A submodule with forward hooks, kept as it is: it calls ``module`` (hooks included).
+
+    No pass recognises this class, so the module inside is never rewritten, canonicalised or
+    folded, and a BatchNorm or activation around it is not merged across it. Its parameters
+    appear under ``<name>.module.`` in the state dict of the captured graph.
+
+    Examples
+    --------
+    >>> import torch
+    >>> relu = nn.ReLU()
+    >>> _ = relu.register_forward_hook(lambda m, i, o: o + 1)
+    >>> Hooked(relu)(torch.zeros(2))
+    tensor([1., 1.])
+    """
+
+    _is_impure = True  # dead-code elimination must not drop a hook, whose effects it cannot see
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+
+def forward_hooks(module: nn.Module) -> list[str]:
+    """Descriptions of the forward hooks and forward pre-hooks registered on ``module`` itself.
+
+    Examples
+    --------
+    >>> def double(m, inputs, output):
+    ...     return 2 * output
+    >>> relu = nn.ReLU()
+    >>> _ = relu.register_forward_hook(double)
+    >>> forward_hooks(relu)
+    ['forward hook double']
+    """
+    return [
+        f"{kind} {_hook_name(hook)}"
+        for kind, hooks in (
+            ("forward pre-hook", module._forward_pre_hooks),
+            ("forward hook", module._forward_hooks),
+        )
+        for hook in hooks.values()
+    ]
+
+
+def _hook_name(hook: Any) -> str:
+    name = getattr(hook, "__qualname__", None) or type(hook).__qualname__
+    return str(name)
+
+
+def _check_unkeepable_hooks(model: nn.Module) -> None:
+    """Refuse hooks that no graph can keep: global ones and those on the top-level module."""
+    global_hooks = [
+        f"{kind} {_hook_name(h)}"
+        for kind, hooks in (
+            ("forward pre-hook", _module_globals._global_forward_pre_hooks),
+            ("forward hook", _module_globals._global_forward_hooks),
+        )
+        for h in hooks.values()
+    ]
+    if global_hooks:
+        raise CaptureError(
+            f"global module hooks are registered ({', '.join(global_hooks)}): they run on every "
+            "module call, also on the layers a rewrite creates or removes, so no rewritten graph "
+            "can compute what the model computes with them. Remove them while compressing "
+            "(the handle returned by torch.nn.modules.module.register_module_forward_hook has "
+            ".remove()) and register them again afterwards."
+        )
+    own = forward_hooks(model)
+    if own:
+        raise CaptureError(
+            f"the model itself ({type(model).__name__}) has {', '.join(own)}: a traced graph "
+            "runs the model's forward without the hooks of its top-level module. Remove them "
+            "while compressing and register them on the result (a GraphModule) afterwards; hooks "
+            "on submodules are kept (the hooked submodule is left as it is)."
+        )
+
+
 class _Tracer(fx.Tracer):
     """A tracer that keeps user-named leaf modules opaque and remembers where it is."""
 
@@ -105,8 +194,10 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.leaf_names or isinstance(m, self.leaf_types):
             return True
-        if isinstance(m, Pad):
-            return True  # fxcompress's own op: keep it recognisable when a result is re-captured
+        if isinstance(m, (Pad, Hooked)):
+            return True  # fxcompress's own ops: keep them recognisable when a result is re-captured
+        if forward_hooks(m):
+            return True  # traced through, its hooks would be dropped or frozen at trace time
         return super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
@@ -159,9 +250,21 @@ def capture(
     InvalidArgument
         If ``model`` is not a module or ``example_inputs`` are not tensors.
     CaptureError
-        If ``torch.fx`` cannot trace the model, the traced graph fails on the example inputs, or
-        (with ``check``) it computes something else than the model; the message names the
-        submodule and source line and suggests ``leaf_modules``.
+        If ``torch.fx`` cannot trace the model, the traced graph fails on the example inputs (the
+        message holds the underlying error, e.g. a channel count that does not match), or (with
+        ``check``) it computes something else than the model; the message names the submodule
+        and source line and suggests ``leaf_modules``. Also if the top-level module has forward
+        hooks or global module hooks are registered, which no graph can keep.
+
+    Notes
+    -----
+    **Forward hooks are respected, not refused.** A submodule with forward hooks or forward
+    pre-hooks (``register_forward_hook``, ``register_forward_pre_hook``; also those that
+    ``torch.nn.utils.weight_norm`` and ``torch.nn.utils.prune`` install) is not traced through:
+    it stays one call of the module itself, wrapped in :class:`Hooked`, so its hooks run as
+    before and no pass rewrites, canonicalises or folds it (nor merges across it). It is logged,
+    listed in ``gm.meta["fxcompress.hooked"]`` and reported among the parts left as they are.
+    Remove a hook before compressing to let that module be compressed.
 
     Examples
     --------
@@ -185,14 +288,18 @@ def capture(
             raise InvalidArgument(
                 f"leaf_modules names {name!r}, which is not a submodule of the model"
             ) from None
+    _check_unkeepable_hooks(model)
     copied = copy.deepcopy(model).eval()
 
     tracer = _Tracer(leaf_types, leaf_names)
     try:
         graph = tracer.trace(copied, concrete_args=_defaults_after(copied, len(inputs)))
     except Exception as exc:
-        raise _capture_error(exc, tracer, copied) from exc
+        # the message holds the cause and where it happened; the chained traceback (still in
+        # ``__context__``) would be torch.fx's internals
+        raise _capture_error(exc, tracer, copied) from None
     gm = fx.GraphModule(copied, graph, class_name=type(model).__name__)
+    _wrap_hooked(gm)
     traced_out = propagate_shapes(gm, inputs)
     if check:
         _check_trace(copied, gm, inputs, traced_out)
@@ -205,6 +312,30 @@ def capture(
     if shared:
         logger.info("modules called at several places (never rewritten in place): %s", shared)
     return gm
+
+
+def _wrap_hooked(gm: fx.GraphModule) -> None:
+    """Install every called submodule that has forward hooks inside a :class:`Hooked` wrapper."""
+    hooked: dict[str, list[str]] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or node.target in hooked:
+            continue
+        target = str(node.target)
+        mod = gm.get_submodule(target)
+        inner = mod.module if isinstance(mod, Hooked) else mod
+        hooks = forward_hooks(inner)
+        if not hooks:
+            continue
+        if not isinstance(mod, Hooked):
+            gm.add_submodule(target, Hooked(mod))
+        hooked[target] = hooks
+        logger.info(
+            "module '%s' (%s) has %s: kept as it is (not rewritten, canonicalized or folded)",
+            target,
+            type(inner).__name__,
+            ", ".join(hooks),
+        )
+    gm.meta["fxcompress.hooked"] = hooked
 
 
 def _defaults_after(model: nn.Module, given: int) -> dict[str, Any] | None:
@@ -238,9 +369,7 @@ def _check_trace(
         with torch.no_grad():
             expected = model(*clone_tensors(inputs))
     except Exception as exc:  # pragma: no cover - the trace ran, so the model normally does too
-        raise CaptureError(
-            f"the model failed on the example inputs: {type(exc).__name__}: {exc}"
-        ) from exc
+        raise CaptureError(f"the model failed on the example inputs: {_cause(exc)}") from None
     _, problem = compare_outputs(traced_out, expected)
     if problem is not None:
         raise CaptureError(
@@ -258,21 +387,92 @@ def propagate_shapes(gm: fx.GraphModule, inputs: tuple[Any, ...]) -> Any:
 
     The inputs are copied first, so a graph that writes its inputs in place leaves the caller's
     tensors alone. Returns the graph's output.
-    """
+
+    Raises
+    ------
+    CaptureError
+        If the graph fails on the inputs; the message names the node (and module) that failed
+        and holds the underlying error, e.g. ``expected input[1, 1, 32, 32] to have 3 channels,
+        but got 1 channels instead``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> gm = fx.symbolic_trace(nn.Sequential(nn.Conv2d(3, 4, 3)))
+    >>> propagate_shapes(gm, (torch.zeros(1, 1, 8, 8),))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    fxcompress.errors.CaptureError: the traced model failed on the example inputs (shapes ((1, 1, 8, 8),)) at module '0' (Conv2d): RuntimeError: Given groups=1, weight of size [4, 3, 3, 3], expected input[1, 1, 8, 8] to have 3 channels, but got 1 channels instead. ...
+    """  # noqa: E501
     n_placeholders = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
     if len(inputs) > n_placeholders:
         raise InvalidArgument(
             f"example_inputs has {len(inputs)} tensors but the model's forward takes "
             f"{n_placeholders} positional inputs"
         )
+    recorder = _ShapeRecorder(gm)
     try:
         with torch.no_grad():
-            return ShapeProp(gm).propagate(*clone_tensors(inputs))
+            return recorder.run(*clone_tensors(inputs))
     except Exception as exc:
+        shapes = tuple(tuple(t.shape) if isinstance(t, torch.Tensor) else t for t in inputs)
+        where = f" at {_describe(gm, recorder.failed)}" if recorder.failed is not None else ""
+        # the message is self-contained; the original traceback stays in ``__context__``
         raise CaptureError(
-            f"the traced model failed on the example inputs: {type(exc).__name__}: {exc}. "
-            "Check that example_inputs have the shapes and dtypes the model expects."
-        ) from exc
+            f"the traced model failed on the example inputs (shapes {shapes}){where}: "
+            f"{_cause(exc)}. Check that example_inputs have the shapes and dtypes the model "
+            "expects."
+        ) from None
+
+
+class _ShapeRecorder(fx.Interpreter):
+    """Runs a graph and records each node's ``tensor_meta`` (like torch.fx's ``ShapeProp``,
+    which prints a traceback to stderr when a node fails); remembers the node that failed."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.extra_traceback = False  # keep the node's exception message as it is
+        self.failed: fx.Node | None = None
+
+    def run_node(self, n: fx.Node) -> Any:
+        try:
+            result = super().run_node(n)
+        except Exception:
+            if self.failed is None:
+                self.failed = n
+            raise
+        found = False
+
+        def extract(obj: Any) -> Any:
+            nonlocal found
+            if isinstance(obj, torch.Tensor):
+                found = True
+                return _extract_tensor_metadata(obj)
+            return obj
+
+        meta = map_aggregate(result, extract)
+        if found:
+            n.meta["tensor_meta"] = meta
+        n.meta["type"] = type(result)
+        return result
+
+
+def _describe(gm: fx.GraphModule, node: fx.Node) -> str:
+    if node.op == "call_module":
+        mod = gm.get_submodule(str(node.target))
+        inner = mod.module if isinstance(mod, Hooked) else mod
+        return f"module '{node.target}' ({type(inner).__name__})"
+    if node.op == "call_function":
+        return f"node '{node.name}' ({getattr(node.target, '__name__', node.target)})"
+    return f"node '{node.name}' ({node.op} {node.target})"
+
+
+def _cause(exc: BaseException, limit: int = 600) -> str:
+    """``Type: message`` of ``exc`` on one line, shortened to about ``limit`` characters."""
+    text = " ".join(line.strip() for line in str(exc).strip().splitlines() if line.strip())
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _split_leaves(leaf_modules: Sequence[LeafSpec]) -> tuple[tuple[type, ...], frozenset[str]]:
@@ -307,6 +507,4 @@ def _capture_error(exc: Exception, tracer: _Tracer, model: nn.Module) -> Capture
         if where
         else "move the untraceable code into a submodule and list it in leaf_modules"
     )
-    return CaptureError(
-        f"torch.fx could not trace {target}{line}: {type(exc).__name__}: {exc}. {hint}."
-    )
+    return CaptureError(f"torch.fx could not trace {target}{line}: {_cause(exc)}. {hint}.")

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._graph import clone_tensors
 from .errors import InvalidArgument
 from .importance import _flat, split_batch
 from .progress import track
@@ -64,7 +65,9 @@ class Distill:
 
     Pass an instance as ``optimize(..., finetune=Distill(model, data))``. Each call copies nothing
     back to the teacher: the teacher is a frozen private copy of the model given here, so the
-    caller's model, its weights and its ``training`` flag are never touched.
+    caller's model, its weights and its ``training`` flag are never touched. The teacher and the
+    student each run on their own copy of every batch, so a model that writes its inputs in place
+    changes neither the caller's batches nor what the other one sees.
 
     Parameters
     ----------
@@ -191,8 +194,8 @@ class Distill:
                     x, y = split_batch(batch)
                     x = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in x)
                     with torch.no_grad():
-                        target = teacher(*x)
-                    out = student(*x)
+                        target = teacher(*clone_tensors(x))
+                    out = student(*clone_tensors(x))
                     loss = distillation_loss(out, target, self.kind, self.temperature)
                     if y is not None and self.alpha < 1.0:
                         y = y.to(device) if isinstance(y, torch.Tensor) else y

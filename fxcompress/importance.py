@@ -13,6 +13,11 @@ Values of the nodes before a segment are taken from one run of the original netw
 re-use): each candidate only recomputes from its segment onwards. Candidates can be scored through
 any :class:`concurrent.futures.Executor` (then without prefix re-use, since the prefix values
 would have to be shipped), and finished scores can be kept in a JSON file to resume.
+
+Every run sees its own copy of the calibration inputs, so a network that writes its inputs in
+place neither changes the caller's batches nor makes later runs score drifting inputs. A graph
+that writes any tensor in place is scored without prefix re-use: a write after a candidate's
+cut would reach the recorded prefix values that the next candidates reuse.
 """
 
 from __future__ import annotations
@@ -31,9 +36,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import fx
+from torch import fx, nn
 
+from ._graph import clone_tensors
 from .analysis import Analysis
+from .errors import InvalidArgument
+from .ops import mutated_input
 from .relax import apply_choices
 
 __all__ = ["Calibration", "Candidate", "score_candidates"]
@@ -82,15 +90,52 @@ class Calibration:
 
 
 def split_batch(batch: Any) -> tuple[tuple[Any, ...], Any]:
-    """``inputs`` or ``(inputs, targets)`` -> (tuple of positional inputs, targets or None)."""
+    """``inputs`` or ``(inputs, targets)`` -> (tuple of positional inputs, targets or None).
+
+    Raises
+    ------
+    InvalidArgument
+        For a dict batch (or dict inputs), which has no positional order, and any other batch
+        that is not a tensor or a non-empty tuple/list.
+
+    Examples
+    --------
+    >>> x = torch.zeros(2, 3)
+    >>> [len(part) for part in split_batch((x, torch.zeros(2)))[:1]]
+    [1]
+    >>> split_batch({"x": x})
+    Traceback (most recent call last):
+    ...
+    fxcompress.errors.InvalidArgument: data batches must be tensors, tuples of inputs or (inputs, targets), but a data batch is a dict (keys ['x']): the model's inputs are passed positionally; map the batches to tuples, e.g. ((b["x"],), b["y"]) for each dict b
+    """  # noqa: E501
     if isinstance(batch, torch.Tensor):
         return (batch,), None
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         x, y = batch
-        return ((x,) if isinstance(x, torch.Tensor) else tuple(x)), y
+        if isinstance(x, torch.Tensor):
+            return (x,), y
+        if isinstance(x, (tuple, list)):
+            return tuple(x), y
+        _refuse_batch(x, "the inputs of a data batch (inputs, targets)")
     if isinstance(batch, (tuple, list)) and batch:
         return tuple(batch), None
-    raise TypeError(f"a batch must be a tensor or (inputs, targets), got {type(batch).__name__}")
+    _refuse_batch(batch, "a data batch")
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _refuse_batch(value: Any, what: str) -> None:
+    if isinstance(value, dict):
+        keys = sorted(map(str, value))
+        shown = keys if len(keys) <= 8 else [*keys[:8], "..."]
+        raise InvalidArgument(
+            f"data batches must be tensors, tuples of inputs or (inputs, targets), but {what} "
+            f"is a dict (keys {shown}): the model's inputs are passed positionally; map the "
+            'batches to tuples, e.g. ((b["x"],), b["y"]) for each dict b'
+        )
+    raise InvalidArgument(
+        f"data batches must be tensors, non-empty tuples of inputs or (inputs, targets), but "
+        f"{what} is of type {type(value).__name__}"
+    )
 
 
 def fingerprint(
@@ -157,17 +202,20 @@ class _Scorer:
         self.reference: list[list[torch.Tensor]] = []
         self.base_loss = 0.0
         self.order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+        # a write in place after a candidate's cut would reach the recorded prefix values that
+        # later candidates reuse: such graphs are scored from their inputs
+        self.reuse = not any(mutated_input(gm, n) is not None for n in gm.graph.nodes)
         with torch.inference_mode():
             for x, y in zip(calib.inputs, calib.targets):
                 env: dict[str, Any] = {}
-                out = _Recorder(gm, env).run(*x)
-                self.envs.append(env)
+                out = _Recorder(gm, env).run(*clone_tensors(x))
+                self.envs.append(env if self.reuse else {})
                 self.reference.append([t.detach() for t in _flat(out)])
                 if self.loss_fn is not None:
                     self.base_loss += float(self.loss_fn(out, y)) / len(calib.inputs)
 
     def damage(self, relaxed: fx.GraphModule, first_node: str | None) -> float:
-        cut = self.order.get(first_node, 0) if first_node is not None else 0
+        cut = self.order.get(first_node, 0) if first_node is not None and self.reuse else -1
         total_err = 0.0
         total_ref = 0.0
         loss = 0.0
@@ -180,7 +228,7 @@ class _Scorer:
                     and self.order.get(n.name, cut + 1) <= cut
                     and n.name in self.envs[i]
                 }
-                out = fx.Interpreter(relaxed).run(*x, initial_env=env)
+                out = fx.Interpreter(relaxed).run(*clone_tensors(x), initial_env=env)
                 if self.loss_fn is not None:
                     loss += float(self.loss_fn(out, y)) / len(self.calib.inputs)
                     continue
@@ -257,7 +305,7 @@ def evaluate(
     err = ref = loss = 0.0
     with torch.no_grad():
         for i, (x, y) in enumerate(zip(calib.inputs, calib.targets)):
-            out = model(*x)
+            out = model(*clone_tensors(x))  # the model may write its inputs in place
             if loss_fn is not None:
                 loss += float(loss_fn(out, y)) / len(calib.inputs)
                 continue
@@ -270,7 +318,7 @@ def evaluate(
 def reference_outputs(model: Callable[..., Any], calib: Calibration) -> list[list[torch.Tensor]]:
     """The flattened outputs of ``model`` on every calibration batch (for :func:`evaluate`)."""
     with torch.no_grad():
-        return [[t.detach() for t in _flat(model(*x))] for x in calib.inputs]
+        return [[t.detach() for t in _flat(model(*clone_tensors(x)))] for x in calib.inputs]
 
 
 def score_candidates(
@@ -296,8 +344,9 @@ def score_candidates(
     loss_fn : callable, optional
         ``loss_fn(outputs, targets) -> scalar``; used when the batches carry targets.
     candidate_finetune : callable, optional
-        LayerMerge-faithful mode: called on each relaxed candidate (train it briefly in place)
-        before it is scored. Scored without prefix re-use.
+        LayerMerge-faithful mode: called on each relaxed candidate (in eval mode; train it
+        briefly in place, or return the trained model, which is then scored instead) before it
+        is scored. Scored without prefix re-use.
     executor : concurrent.futures.Executor, optional
         Score candidates through it (e.g. a ``ProcessPoolExecutor`` or a Dask client's
         executor). Default: in this process, with prefix re-use.
@@ -326,9 +375,7 @@ def score_candidates(
             for c in todo:
                 relaxed = relaxed_of(c)
                 if candidate_finetune is not None:
-                    relaxed = copy.deepcopy(relaxed)  # relaxed shares modules with ``gm``
-                    candidate_finetune(relaxed)
-                    relaxed.eval()
+                    relaxed = _finetuned(candidate_finetune, relaxed)
                     done[c.id] = _remote_damage(
                         relaxed, calib, scorer.reference, scorer.base_loss, scorer.loss_fn
                     )
@@ -341,9 +388,7 @@ def score_candidates(
             for c in todo:
                 relaxed = relaxed_of(c)
                 if candidate_finetune is not None:
-                    relaxed = copy.deepcopy(relaxed)  # relaxed shares modules with ``gm``
-                    candidate_finetune(relaxed)
-                    relaxed.eval()
+                    relaxed = _finetuned(candidate_finetune, relaxed)
                 futures[c.id] = executor.submit(
                     _remote_damage,
                     _Packed(relaxed),
@@ -359,14 +404,27 @@ def score_candidates(
     return {c.id: done[c.id] for c in candidates}
 
 
+def _finetuned(fn: Callable[[fx.GraphModule], Any], relaxed: fx.GraphModule) -> Any:
+    """A private copy of ``relaxed`` trained by ``fn`` (or the model ``fn`` returned), in eval
+    mode."""
+    relaxed = copy.deepcopy(relaxed)  # relaxed shares modules with the scored graph
+    out = fn(relaxed)
+    if out is None or out is relaxed:
+        return relaxed.eval()
+    if not isinstance(out, nn.Module):
+        raise InvalidArgument(
+            f"candidate_finetune returned {type(out).__name__}; it must train the candidate it "
+            "is given in place and return None, or return the trained model (an nn.Module)"
+        )
+    return out.eval()
+
+
 def fold_units_for_scoring(gm: fx.GraphModule, analysis: Analysis) -> fx.GraphModule:
     """A copy of ``gm`` in which each unit's BatchNorm is folded into its layer.
 
     Node names stay (the BN becomes an ``nn.Identity`` call), so the analysis still applies and
     relaxing a segment of the copy gives the BN-folded form of relaxing it in ``gm``.
     """
-    from torch import nn
-
     from ._graph import shallow_clone
     from .analysis import _units_of
     from .kernels import fold_bn

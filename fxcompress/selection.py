@@ -25,6 +25,7 @@ from typing import Any, Generic, TypeVar
 
 from torch import nn
 
+from .errors import InvalidArgument
 from .progress import bar
 
 __all__ = ["Trial", "choose"]
@@ -99,7 +100,8 @@ def choose(
     relax : callable
         ``relax(plan)`` returns a fresh trainable network of the plan.
     trial : callable
-        Trains that network in place (the caller's trial fine-tune).
+        Trains that network in place (the caller's trial fine-tune) and returns None, or returns
+        the trained network (an ``nn.Module``), which is then scored and kept instead.
     score : callable
         Scores a trained network in eval mode; lower is better.
 
@@ -132,7 +134,14 @@ def choose(
     with bar(total=len(eligible), desc="trial fine-tunes", enabled=progress) as pbar:
         for i in eligible:
             net = relax(plans[i])
-            trial(net)
+            out = trial(net)
+            if out is not None and not isinstance(out, nn.Module):
+                raise InvalidArgument(
+                    f"the trial fine-tune returned {type(out).__name__}; it must train the "
+                    "network it is given in place and return None, or return the trained "
+                    "network (an nn.Module)"
+                )
+            net = net if out is None else out
             net.eval()
             value = float(score(net))
             if not math.isfinite(value):

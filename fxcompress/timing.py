@@ -5,6 +5,11 @@ short timed runs of ``a`` and ``b`` interleave, and each side's time is a low qu
 runs. Load from other processes only ever makes a run slower, so a low quantile estimates the
 uncontended time, and interleaving keeps slow drifts (thermal, frequency scaling) out of the
 ratio.
+
+The networks run on private copies of the inputs. A network that writes its inputs in place (seen
+by their version counters after the warm-up) would make every later run see drifting values, so
+then every timed call of both networks gets a fresh copy (the copy is timed too, equally on both
+sides).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._graph import clone_tensors
 from .errors import InvalidArgument
 
 __all__ = ["QUANTILE", "PairedTiming", "paired_timing", "quantile"]
@@ -78,7 +84,8 @@ def paired_timing(
     """Time ``a(*inputs)`` and ``b(*inputs)`` alternately.
 
     Both run in eval mode under :func:`torch.inference_mode`; their train/eval flags and the
-    process's thread count are restored afterwards.
+    process's thread count are restored afterwards. ``inputs`` are never written (see the module
+    docstring).
 
     Parameters
     ----------
@@ -112,14 +119,24 @@ def paired_timing(
         b.eval()
         if threads is not None and threads != previous:
             torch.set_num_threads(threads)
+        source = clone_tensors(tuple(inputs))
+        own = clone_tensors(source)
+        versions = _versions(own)
+        fresh = False  # whether each call needs a fresh copy of the inputs
+
+        def call(net: nn.Module) -> None:
+            nonlocal fresh
+            net(*(clone_tensors(source) if fresh else own))
+            fresh = fresh or _versions(own) != versions
+
         with torch.inference_mode():
             inner = []
             for net in (a, b):
                 for _ in range(warmup):
-                    net(*inputs)
+                    call(net)
                 sync()
                 start = clock()
-                net(*inputs)
+                call(net)
                 sync()
                 single = clock() - start
                 inner.append(max(1, min(1000, math.ceil(MIN_RUN_MS / 1e3 / max(single, 1e-9)))))
@@ -129,7 +146,7 @@ def paired_timing(
                 for net, n, out in ((a, inner[0], ta), (b, inner[1], tb)):
                     start = clock()
                     for _ in range(n):
-                        net(*inputs)
+                        net(*(clone_tensors(source) if fresh else own))
                     sync()
                     out.append((clock() - start) / n * 1e3)
     finally:
@@ -143,3 +160,14 @@ def paired_timing(
     return PairedTiming(
         max(quantile(ta, QUANTILE), 1e-9), max(quantile(tb, QUANTILE), 1e-9), spread, pairs
     )
+
+
+def _versions(value: Any) -> list[int]:
+    """The version counters of the tensors in ``value`` (they grow with every in-place write)."""
+    if isinstance(value, torch.Tensor):
+        return [value._version]
+    if isinstance(value, (tuple, list)):
+        return [v for item in value for v in _versions(item)]
+    if isinstance(value, dict):
+        return [v for key in value for v in _versions(value[key])]
+    return []
