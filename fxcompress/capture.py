@@ -259,8 +259,7 @@ def capture(
     Notes
     -----
     **Forward hooks are respected, not refused.** A submodule with forward hooks or forward
-    pre-hooks (``register_forward_hook``, ``register_forward_pre_hook``; also those that
-    ``torch.nn.utils.weight_norm`` and ``torch.nn.utils.prune`` install) is not traced through:
+    pre-hooks (``register_forward_hook``, ``register_forward_pre_hook``) is not traced through:
     it stays one call of the module itself, wrapped in :class:`Hooked`, so its hooks run as
     before and no pass rewrites, canonicalises or folds it (nor merges across it). It is logged,
     listed in ``gm.meta["fxcompress.hooked"]`` and reported among the parts left as they are.
@@ -289,7 +288,15 @@ def capture(
                 f"leaf_modules names {name!r}, which is not a submodule of the model"
             ) from None
     _check_unkeepable_hooks(model)
-    copied = copy.deepcopy(model).eval()
+    try:
+        copied = copy.deepcopy(model).eval()
+    except RuntimeError as exc:
+        raise CaptureError(
+            f"the model cannot be copied ({_cause(exc)}), and fxcompress never works on the "
+            "caller's model itself. torch.nn.utils.weight_norm, spectral_norm and "
+            "torch.nn.utils.prune leave computed weights that cannot be copied: remove them first "
+            "(remove_weight_norm, prune.remove) or use torch.nn.utils.parametrizations."
+        ) from None
 
     tracer = _Tracer(leaf_types, leaf_names)
     try:

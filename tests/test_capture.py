@@ -268,3 +268,53 @@ def test_generated_models_capture_as_graph_modules():
     gm = capture(model, torch.ones(1, 1, 2, 2))
     assert isinstance(gm, fx.GraphModule)
     assert gm.meta["fxcompress.shared"] == ()
+
+
+# --------------------------------------------------------------------------- hooks (issue 15)
+
+
+def _plus_one(module, inputs, output):
+    return output + 1
+
+
+def test_hooked_submodules_are_opaque_leaves_listed_with_their_hooks():
+    from fxcompress.capture import Hooked
+
+    model = nn.Sequential(
+        nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), nn.ReLU(), nn.Conv2d(4, 4, 1)
+    ).eval()
+    model[0].register_forward_hook(_plus_one)  # a block: traced through, its hook would be lost
+    model[1].register_forward_pre_hook(lambda m, i: (i[0] - 0.5,))
+    x = torch.randn(1, 3, 8, 8)
+    gm = capture(model, x)
+    assert_equivalent(gm, model, x)
+    calls = [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    assert calls == ["0", "1", "2"]  # nothing inside the hooked block is traced
+    assert isinstance(gm.get_submodule("0"), Hooked)
+    assert isinstance(gm.get_submodule("1"), Hooked)
+    hooked = gm.meta["fxcompress.hooked"]
+    assert hooked["0"] == ["forward hook _plus_one"]
+    assert hooked["1"][0].startswith("forward pre-hook ")
+    assert "2" not in hooked
+    # a hooked module captured again (e.g. an optimize result) stays as it is
+    again = capture(gm, x)
+    assert_equivalent(again, model, x)
+    assert set(again.meta["fxcompress.hooked"]) == {"0", "1"}
+    assert not isinstance(again.get_submodule("0").module, Hooked)
+
+
+def test_a_model_that_cannot_be_copied_gets_a_capture_error():
+    """weight_norm leaves a computed weight, which deepcopy refuses (a raw RuntimeError before)."""
+    model = nn.Sequential(nn.utils.weight_norm(nn.Conv2d(3, 4, 3)), nn.ReLU())
+    with pytest.raises(CaptureError, match=r"cannot be copied.*remove_weight_norm"):
+        capture(model, torch.randn(1, 3, 8, 8))
+
+
+def test_a_wrong_shape_error_is_one_line_with_the_cause_and_prints_nothing(capfd):
+    with pytest.raises(CaptureError) as info:
+        capture(MODEL, torch.ones(1, 5, 4, 4))
+    message = str(info.value)
+    assert "expected input[1, 5, 4, 4] to have 3 channels, but got 5 channels" in message
+    assert "\n" not in message
+    assert info.value.__cause__ is None
+    assert capfd.readouterr().err == ""
