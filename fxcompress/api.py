@@ -776,6 +776,7 @@ def optimize(
     eager = copy.deepcopy(model).eval() if check else None
     report = Report(
         budget=_report_budget(b),
+        target=_asked(b),
         latency_mode=table.mode,
         params_before=count_params(gm),
         macs_before=count_macs(gm),
@@ -842,6 +843,15 @@ def _report_budget(b: Budget, original_ms: float | None = None) -> float:
     if not b.is_latency or (b.latency_ms is not None and not original_ms):
         return float("nan")
     return b.fraction_of(original_ms or 1.0)
+
+
+def _asked(b: Budget) -> dict[str, float]:
+    """The budget as it was asked (``{"speedup": 2.0}``), for the report."""
+    return {
+        name: float(value)
+        for name in ("fraction", "latency_ms", "speedup", "params", "macs")
+        if (value := getattr(b, name)) is not None
+    }
 
 
 def _exact_only(
@@ -958,6 +968,7 @@ def _optimize_lowrank(
     original = canonicalize(capture(model, inputs, leaf_modules=leaf_modules))
     report = Report(
         budget=_report_budget(b),
+        target=_asked(b),
         latency_mode=table.mode,
         params_before=count_params(original),
         params_after=count_params(result),

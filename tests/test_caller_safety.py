@@ -287,6 +287,7 @@ def test_a_speedup_budget_is_reported_as_a_fraction():
     out = fxcompress.optimize(model, Budget(speedup=1.25), x, latency="flops")
     report = out.meta["fxcompress"]
     assert report.budget == pytest.approx(0.8)
+    assert report.target == {"speedup": 1.25}
     assert "nan" not in report.to_markdown()
 
 
