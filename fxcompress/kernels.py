@@ -45,6 +45,7 @@ __all__ = [
     "ConvParams",
     "LinearParams",
     "add_parallel",
+    "batchnorm_as_conv",
     "compose",
     "compose_linear",
     "conv_to_dense_weight",
@@ -680,6 +681,50 @@ def fold_bn_before(
     )
 
 
+def batchnorm_as_conv(
+    ndim: int,
+    *,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> ConvParams:
+    """An eval-mode BatchNorm as a depthwise 1x1 convolution with ``ndim`` spatial axes.
+
+    BatchNorm is a per-channel affine map ``x * scale + shift`` (``scale = weight /
+    sqrt(var + eps)``, ``shift = bias - mean * scale``): a diagonal 1x1 convolution, with
+    ``groups = C``, weight ``scale`` and bias ``shift``. It applies to inputs whose channel
+    axis is the BatchNorm's (axis 1, i.e. batched ``(N, C, *spatial)`` inputs). As a
+    convolution it can be summed with parallel branches (:func:`add_parallel`, structural
+    re-parameterisation of RepVGG-style blocks) or composed with neighbouring convolutions.
+    The result has the dtype and device of ``mean``.
+
+    Raises
+    ------
+    ValueError
+        If ``ndim`` is not 1, 2 or 3, ``mean`` is not one-dimensional, or the statistics'
+        shapes or ``eps`` are invalid.
+
+    Examples
+    --------
+    >>> mean, var = torch.tensor([1.0, -2.0]), torch.tensor([4.0, 0.25])
+    >>> conv = batchnorm_as_conv(2, mean=mean, var=var, weight=None, bias=None, eps=0.0)
+    >>> conv.kernel_size, conv.groups, conv.weight.flatten().tolist(), conv.bias.tolist()
+    ((1, 1), 2, [0.5, 2.0], [-0.5, 4.0])
+    """
+    if ndim not in (1, 2, 3) or isinstance(ndim, bool):
+        raise InvalidArgument(f"ndim must be 1, 2 or 3, got {ndim!r}")
+    if not isinstance(mean, Tensor) or mean.dim() != 1 or mean.numel() < 1:
+        shape = tuple(mean.shape) if isinstance(mean, Tensor) else type(mean).__name__
+        raise InvalidArgument(f"BatchNorm mean must be a non-empty 1-d Tensor, got {shape}")
+    channels = int(mean.shape[0])
+    scale, shift = _bn_scale_shift(channels, mean, var, weight, bias, eps)
+    dtype, device = mean.dtype, mean.device
+    w = scale.reshape(channels, 1, *([1] * ndim)).to(dtype=dtype, device=device)
+    return ConvParams(w, shift.to(dtype=dtype, device=device), 1, 0, 1, channels)
+
+
 # --------------------------------------------------------------------------------------------
 # Composition and parallel sums.
 # --------------------------------------------------------------------------------------------
@@ -794,21 +839,23 @@ def compose(first: ConvParams, second: ConvParams) -> ConvParams:
     return ConvParams(out.to(dtype), bias, tuple(stride), tuple(padding), tuple(dilation), groups)
 
 
-def add_parallel(a: ConvParams, b: ConvParams) -> ConvParams:
-    """One convolution equal to ``a(x) + b(x)`` for every input ``x``.
+def add_parallel(a: ConvParams, b: ConvParams, *more: ConvParams) -> ConvParams:
+    """One convolution equal to ``a(x) + b(x) + ...`` for every input ``x``.
 
-    Per axis, ``a`` reads offsets ``-pa + t * da`` and ``b`` reads ``-pb + u * db`` relative to
-    ``i * stride``; both tap sets are embedded in one kernel with padding ``max(pa, pb)`` and
-    dilation the gcd of the dilations and of the offset differences (an axis with a single tap
-    does not constrain it). ``groups`` is the largest block-diagonal structure containing both
-    operands' channel connectivity.
+    Per axis, operand ``j`` reads offsets ``-p_j + t * d_j`` relative to ``i * stride``; all tap
+    sets are embedded in one kernel with padding ``max_j p_j`` and dilation the gcd of the
+    dilations and of the offset differences (an axis with a single tap does not constrain it).
+    ``groups`` is the largest block-diagonal structure containing every operand's channel
+    connectivity. The sum is taken in float64 over all operands at once (a structural
+    re-parameterisation such as RepVGG's ``conv3x3 + conv1x1 + BN`` is one call), then cast to
+    the dtype of ``a``.
 
     Raises
     ------
     ValueError
-        If the channels, the number of axes or the strides differ, or if the two do not produce
-        the same output size for every input size, i.e. ``2 * p - d * (k - 1)`` differs on some
-        axis.
+        If the channels, the number of axes or the strides differ, or if the operands do not
+        produce the same output size for every input size, i.e. ``2 * p - d * (k - 1)`` differs
+        on some axis.
 
     Examples
     --------
@@ -821,48 +868,64 @@ def add_parallel(a: ConvParams, b: ConvParams) -> ConvParams:
     >>> x = torch.randn(1, 3, 6, 6, dtype=torch.float64)
     >>> torch.allclose(skip.apply(x), conv.apply(x) + x)
     True
+
+    A RepVGG block (3x3 + 1x1 + identity) is one 3x3 convolution:
+
+    >>> one = ConvParams(torch.randn(3, 3, 1, 1, dtype=torch.float64), None, 1, 0, 1)
+    >>> rep = add_parallel(conv, one, identity(3, 2, dtype=torch.float64))
+    >>> torch.allclose(rep.apply(x), conv.apply(x) + one.apply(x) + x)
+    True
     """
-    if a.ndim != b.ndim:
-        raise InvalidArgument(f"cannot add a {a.ndim}-d conv and a {b.ndim}-d conv")
-    if (a.in_channels, a.out_channels) != (b.in_channels, b.out_channels):
-        raise InvalidArgument(
-            f"channels differ: {a.in_channels}->{a.out_channels} vs "
-            f"{b.in_channels}->{b.out_channels}"
-        )
-    if a.stride != b.stride:
-        raise InvalidArgument(f"strides differ: {a.stride} vs {b.stride}")
-    ndim = a.ndim
-    ka, kb = a.kernel_size, b.kernel_size
-    padding, dilation, kernel, place_a, place_b = [], [], [], [], []
-    for ax in range(ndim):
-        pa, pb = a.padding[ax], b.padding[ax]
-        da, db = a.dilation[ax], b.dilation[ax]
-        if 2 * pa - da * (ka[ax] - 1) != 2 * pb - db * (kb[ax] - 1):
+    operands = (a, b, *more)
+    for p in operands[1:]:
+        if p.ndim != a.ndim:
+            raise InvalidArgument(f"cannot add a {a.ndim}-d conv and a {p.ndim}-d conv")
+        if (p.in_channels, p.out_channels) != (a.in_channels, a.out_channels):
             raise InvalidArgument(
-                f"output sizes differ on axis {ax}: 2*padding - dilation*(kernel-1) is "
-                f"{2 * pa - da * (ka[ax] - 1)} vs {2 * pb - db * (kb[ax] - 1)} "
-                f"(padding {pa} vs {pb}, dilation {da} vs {db}, kernel {ka[ax]} vs {kb[ax]})"
+                f"channels differ: {a.in_channels}->{a.out_channels} vs "
+                f"{p.in_channels}->{p.out_channels}"
             )
-        pad = max(pa, pb)
-        step_a = da if ka[ax] > 1 else 0
-        step_b = db if kb[ax] > 1 else 0
-        dil = math.gcd(math.gcd(step_a, step_b), math.gcd(pad - pa, pad - pb)) or 1
+        if p.stride != a.stride:
+            raise InvalidArgument(f"strides differ: {a.stride} vs {p.stride}")
+    ndim = a.ndim
+    padding, dilation, kernel = [], [], []
+    places: list[list[tuple[int, int, int]]] = [[] for _ in operands]
+    for ax in range(ndim):
+        for p in operands[1:]:
+            size_a = 2 * a.padding[ax] - a.dilation[ax] * (a.kernel_size[ax] - 1)
+            size_p = 2 * p.padding[ax] - p.dilation[ax] * (p.kernel_size[ax] - 1)
+            if size_a != size_p:
+                raise InvalidArgument(
+                    f"output sizes differ on axis {ax}: 2*padding - dilation*(kernel-1) is "
+                    f"{size_a} vs {size_p} (padding {a.padding[ax]} vs {p.padding[ax]}, "
+                    f"dilation {a.dilation[ax]} vs {p.dilation[ax]}, kernel "
+                    f"{a.kernel_size[ax]} vs {p.kernel_size[ax]})"
+                )
+        pad = max(p.padding[ax] for p in operands)
+        steps = [p.dilation[ax] if p.kernel_size[ax] > 1 else 0 for p in operands]
+        dil = 0
+        for p, step in zip(operands, steps):
+            dil = math.gcd(dil, math.gcd(step, pad - p.padding[ax]))
+        dil = dil or 1
         padding.append(pad)
         dilation.append(dil)
-        extent = max(pad - pa + da * (ka[ax] - 1), pad - pb + db * (kb[ax] - 1))
+        extent = max(
+            pad - p.padding[ax] + p.dilation[ax] * (p.kernel_size[ax] - 1) for p in operands
+        )
         kernel.append(extent // dil + 1)
-        place_a.append(((pad - pa) // dil, step_a // dil, ka[ax]))
-        place_b.append(((pad - pb) // dil, step_b // dil, kb[ax]))
+        for j, (p, step) in enumerate(zip(operands, steps)):
+            places[j].append(((pad - p.padding[ax]) // dil, step // dil, p.kernel_size[ax]))
 
-    lo_a, hi_a = _intervals(a)
-    lo_b, hi_b = _intervals(b)
-    lo, hi = torch.minimum(lo_a, lo_b), torch.maximum(hi_a, hi_b)
+    lo, hi = _intervals(a)
+    for p in operands[1:]:
+        lo_p, hi_p = _intervals(p)
+        lo, hi = torch.minimum(lo, lo_p), torch.maximum(hi, hi_p)
     groups = _largest_groups(lo, hi, a.in_channels)
     cin_r = a.in_channels // groups
 
     dtype, device = a.weight.dtype, a.weight.device
     out = torch.zeros((a.out_channels, cin_r, *kernel), dtype=torch.float64, device=device)
-    for p, place in ((a, place_a), (b, place_b)):
+    for p, place in zip(operands, places):
         lo_p, _ = _intervals(p)
         w = _embed_channels(_f64(p.weight).to(device), lo_p, cin_r)
         where = tuple(
@@ -871,9 +934,9 @@ def add_parallel(a: ConvParams, b: ConvParams) -> ConvParams:
         out[(slice(None), slice(None), *where)] += w
 
     bias = None
-    if a.bias is not None or b.bias is not None:
+    if any(p.bias is not None for p in operands):
         bias = torch.zeros(a.out_channels, dtype=torch.float64, device=device)
-        for p in (a, b):
+        for p in operands:
             if p.bias is not None:
                 bias += _f64(p.bias).to(device)
         bias = bias.to(dtype)

@@ -26,11 +26,13 @@ __all__ = [
     "activation_function",
     "activation_of",
     "aliases",
+    "batchnorm_call",
     "batchnorm_of",
     "is_add",
     "layer_of",
     "module_call_counts",
     "mutated_input",
+    "reads_rank_only",
     "single_user",
 ]
 
@@ -329,6 +331,117 @@ def batchnorm_of(gm: fx.GraphModule, node: fx.Node) -> nn.modules.batchnorm._Bat
     if mod.running_mean is None or mod.running_var is None:
         return None  # track_running_stats=False: normalises with batch statistics, not foldable
     return mod
+
+
+@dataclass(frozen=True, eq=False)
+class BatchNormCall:
+    """An eval-mode BatchNorm call found in a graph (module or functional spelling).
+
+    Attributes
+    ----------
+    stats : dict
+        The keyword arguments of :func:`fxcompress.kernels.fold_bn` (``mean``, ``var``,
+        ``weight``, ``bias``, ``eps``).
+    num_features : int
+        Number of channels; the BatchNorm normalises axis 1 of its input, whatever its rank.
+    rank : int or None
+        The input rank the module enforces (``nn.BatchNorm2d``: 4, ``nn.BatchNorm3d``: 5), or
+        ``None`` if several are accepted (``nn.BatchNorm1d``: 2 or 3; ``F.batch_norm``: any).
+    name : str
+        The module's qualified name (for the functional spelling: the owner of its statistics).
+    """
+
+    stats: dict[str, Any]
+    num_features: int
+    rank: int | None
+    name: str
+
+
+_BN_RANK = {nn.BatchNorm1d: None, nn.BatchNorm2d: 4, nn.BatchNorm3d: 5}
+
+
+def batchnorm_call(gm: fx.GraphModule, node: fx.Node) -> BatchNormCall | None:
+    """The BatchNorm computed by ``node`` with running statistics, in either spelling.
+
+    Recognised: a call of an ``nn.BatchNorm{1,2,3}d`` in eval mode (see :func:`batchnorm_of`),
+    and ``F.batch_norm(x, running_mean, running_var, weight, bias, training=False, ...)`` whose
+    statistics, weight and bias are attributes of ``gm`` (``get_attr`` nodes) -- the form
+    ``torch.fx`` records for BatchNorm subclasses it traces through, such as timm's
+    ``BatchNormAct2d``. Anything else (training mode, batch statistics, tensors computed in the
+    graph) is ``None``.
+
+    Examples
+    --------
+    >>> import torch.nn.functional as F
+    >>> from torch import fx, nn
+    >>> class M(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.bn = nn.BatchNorm2d(3).eval()
+    ...     def forward(self, x):
+    ...         w, b = self.bn.weight, self.bn.bias
+    ...         y = F.batch_norm(x, self.bn.running_mean, self.bn.running_var, w, b, eps=1e-3)
+    ...         return self.bn(y)
+    >>> gm = fx.symbolic_trace(M())
+    >>> calls = [batchnorm_call(gm, n) for n in gm.graph.nodes if n.op.startswith("call")]
+    >>> [(c.name, c.rank, c.stats["eps"]) for c in calls]
+    [('bn', None, 0.001), ('bn', 4, 1e-05)]
+    """
+    if node.op == "call_module":
+        mod = batchnorm_of(gm, node)
+        if mod is None:
+            return None
+        return BatchNormCall(
+            bn_statistics(mod), mod.num_features, _BN_RANK[type(mod)], str(node.target)
+        )
+    if node.op != "call_function" or node.target is not F.batch_norm:
+        return None
+    names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum")
+    args = dict(zip(names, node.args))
+    args.update(node.kwargs)
+    if args.get("training", False) is not False:
+        return None  # batch statistics (or a flag computed at run time)
+    eps = args.get("eps", 1e-5)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        return None
+    mean, var = _attr(gm, args.get("running_mean")), _attr(gm, args.get("running_var"))
+    tensors = {"mean": mean, "var": var}
+    for key in ("weight", "bias"):
+        value = args.get(key)
+        tensors[key] = None if value is None else _attr(gm, value)
+        if value is not None and tensors[key] is None:
+            return None  # an affine parameter computed in the graph
+    if mean is None or var is None or mean.dim() != 1 or var.shape != mean.shape:
+        return None
+    if any(t is not None and t.shape != mean.shape for t in tensors.values()):
+        return None
+    owner = str(args["running_mean"].target).rpartition(".")[0] or node.name
+    stats = {k: None if t is None else t.detach() for k, t in tensors.items()}
+    return BatchNormCall({**stats, "eps": float(eps)}, int(mean.shape[0]), None, owner)
+
+
+def reads_rank_only(node: fx.Node, of: fx.Node) -> bool:
+    """Whether ``node`` reads nothing of ``of`` but its number of dimensions.
+
+    That is ``of.ndim``, ``of.dim()`` or ``of.ndimension()`` (as in the shape assertions that
+    timm's layers trace into graphs); such a read may move to any tensor of the same rank.
+
+    Examples
+    --------
+    >>> from torch import fx, nn
+    >>> class M(nn.Module):
+    ...     def forward(self, x):
+    ...         return x.ndim + x.dim() + x.size(0)
+    >>> gm = fx.symbolic_trace(M())
+    >>> x = next(iter(gm.graph.nodes))
+    >>> sorted(n.name for n in gm.graph.nodes if reads_rank_only(n, x))
+    ['dim', 'getattr_1']
+    """
+    if node.kwargs or not node.args or node.args[0] is not of:
+        return False
+    if node.op == "call_function" and node.target is getattr:
+        return node.args[1:] == ("ndim",)
+    return node.op == "call_method" and node.target in ("dim", "ndimension") and len(node.args) == 1
 
 
 _ADDS = {operator.add, operator.iadd, torch.add}

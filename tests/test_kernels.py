@@ -21,6 +21,7 @@ from fxcompress.kernels import (
     ConvParams,
     LinearParams,
     add_parallel,
+    batchnorm_as_conv,
     compose,
     compose_linear,
     conv_to_dense_weight,
@@ -710,6 +711,101 @@ def test_add_parallel_dilation_stays_compact():
     assert (both.dilation, both.kernel_size, both.padding) == ((2,), (5,), (4,))
     x = randn(torch.Generator().manual_seed(0), 1, 2, 15)
     assert rel_err(ref_layer(x, both), ref_layer(x, a) + ref_layer(x, c)) <= 1e-9
+
+
+@given(data=st.data(), ndim=NDIMS, n_ops=st.integers(3, 5), dtype=DTYPES)
+def test_add_parallel_many_operands(data, ndim, n_ops, dtype):
+    """``add_parallel(a, b, c, ...)`` equals the sum of the operands run one by one."""
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1), label="seed"))
+    c_in = data.draw(st.integers(1, 6), label="c_in")
+    groups = [data.draw(st.sampled_from(divisors(c_in)), label="g") for _ in range(n_ops)]
+    lcm = math.lcm(*groups)
+    c_out = lcm * data.draw(st.integers(1, max(1, 12 // lcm)), label="mult")
+    stride = tuple(data.draw(st.integers(1, 2), label="s") for _ in range(ndim))
+    # every operand has the same 2 * padding - dilation * (kernel - 1) per axis
+    size_term = [data.draw(st.integers(-3, 1), label="c") for _ in range(ndim)]
+    ops = []
+    for g in groups:
+        kernel, padding, dilation = [], [], []
+        for c in size_term:
+            k = data.draw(st.integers(1, 5), label="k")
+            d = data.draw(st.integers(1, 2), label="d")
+            if (c + d * (k - 1)) % 2:  # make it representable: dilation 1, one tap more or less
+                d = 1
+                if (c + k - 1) % 2:
+                    k = k + 1 if k < 5 else k - 1
+            kernel.append(k)
+            dilation.append(d)
+            padding.append((c + d * (k - 1)) // 2)
+        has_bias = data.draw(st.booleans(), label="bias")
+        ops.append(
+            Layer(
+                randn(gen, c_out, c_in // g, *kernel, dtype=dtype),
+                randn(gen, c_out, dtype=dtype) if has_bias else None,
+                stride,
+                tuple(padding),
+                tuple(dilation),
+                g,
+            )
+        )
+    sizes = [data.draw(st.integers(max(1, 1 - c), LIMIT[ndim]), label="n") for c in size_term]
+    x = randn(gen, 2, c_in, *sizes, dtype=dtype)
+    params = [op.params() for op in ops]
+    result = add_parallel(*params)
+    conn = sum(block_mask(p.out_channels, p.in_channels, p.groups) for p in params)
+    assert result.groups == largest_block_groups((conn > 0).double())
+    assert result.weight.dtype == dtype
+    assert rel_err(ref_layer(x, result), sum(ref_layer(x, op) for op in ops)) <= TOL[dtype]
+
+
+def test_add_parallel_repvgg_block():
+    """RepVGG's three branches, dense 3x3 (padding 1) + 1x1 + identity, are one 3x3 conv."""
+    conv3 = _layer(4, 4, (3, 3), padding=1)
+    conv1 = _layer(4, 4, (1, 1), seed=1)
+    result = add_parallel(conv3.params(), conv1.params(), identity(4, 2, dtype=torch.float64))
+    assert (result.kernel_size, result.padding, result.groups) == ((3, 3), (1, 1), 1)
+    x = randn(torch.Generator().manual_seed(0), 2, 4, 6, 5)
+    ref = ref_layer(x, conv3) + ref_layer(x, conv1) + x
+    assert rel_err(ref_layer(x, result), ref) <= 1e-9
+
+
+def test_add_parallel_many_operands_rejects_any_incompatible_one():
+    a, b = _layer(3, 3, (3, 3), padding=1).params(), _layer(3, 3, (1, 1)).params()
+    with pytest.raises(ValueError, match="output sizes differ"):
+        add_parallel(a, b, _layer(3, 3, (3, 3)).params())
+    with pytest.raises(ValueError, match="strides"):
+        add_parallel(a, b, _layer(3, 3, (1, 1), stride=2).params())
+    with pytest.raises(ValueError, match="channels"):
+        add_parallel(a, b, _layer(3, 2, (1, 1)).params())
+
+
+@given(data=st.data(), ndim=st.sampled_from([1, 2, 3]), dtype=DTYPES)
+def test_batchnorm_as_conv_is_the_batchnorm(data, ndim, dtype):
+    """An eval-mode BatchNorm as a depthwise 1x1 conv computes F.batch_norm exactly."""
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1), label="seed"))
+    channels = data.draw(st.integers(1, 6), label="channels")
+    stats, eps = draw_bn(data, gen, channels, dtype)
+    conv = batchnorm_as_conv(ndim, eps=eps, **stats)
+    assert (conv.kernel_size, conv.groups, conv.stride) == ((1,) * ndim, channels, (1,) * ndim)
+    assert conv.weight.dtype == dtype
+    assert conv.bias is not None
+    x = randn(gen, 2, channels, *([4] * ndim), dtype=dtype)
+    assert rel_err(ref_layer(x, conv), ref_bn(x, stats, eps)) <= TOL[dtype]
+    # as a parallel branch it sums with a conv (a BatchNorm-only branch of a RepVGG block)
+    other = _layer(channels, channels, (3,) * ndim, padding=1).params().to(dtype)
+    both = add_parallel(other, conv)
+    ref = ref_layer(x, other) + ref_bn(x, stats, eps)
+    assert rel_err(ref_layer(x, both), ref) <= TOL[dtype]
+
+
+def test_batchnorm_as_conv_rejects_bad_arguments():
+    stats = {"var": torch.ones(3), "weight": None, "bias": None, "eps": 1e-5}
+    with pytest.raises(ValueError, match="ndim"):
+        batchnorm_as_conv(4, mean=torch.zeros(3), **stats)
+    with pytest.raises(ValueError, match="1-d"):
+        batchnorm_as_conv(2, mean=torch.zeros(3, 1), **stats)
+    with pytest.raises(ValueError, match="shape"):
+        batchnorm_as_conv(2, mean=torch.zeros(2), **stats)
 
 
 # ------------------------------------------------------------------------------------------
