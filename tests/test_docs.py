@@ -208,6 +208,8 @@ def test_api_reference_names_every_public_name() -> None:
 
 
 def _namespaces() -> list[ModuleType]:
+    """The modules whose public names docs/api.md documents (in the order names resolve)."""
+    import fxcompress.io
     import fxcompress.planner
     import fxcompress.plots
     import fxcompress.progress
@@ -215,6 +217,7 @@ def _namespaces() -> list[ModuleType]:
 
     return [
         fxcompress,
+        fxcompress.io,
         fxcompress.testing,
         fxcompress.plots,
         fxcompress.progress,
