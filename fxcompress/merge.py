@@ -4,21 +4,30 @@ Every rewrite here is function-preserving in eval mode (up to floating-point rou
 runs in float64). Patterns and the reasons they are skipped:
 
 - ``layer -> BN``: folded when the layer's output feeds only the BN (else others would see the
-  folded values) and the BN uses running statistics.
+  folded values), the BN uses running statistics, and the BN's axis 1 is the layer's channel
+  axis: a batched output (an unbatched conv output ``(C, L)`` puts a spatial axis there, and
+  BatchNorm1d then normalises that). A BN is an ``nn.BatchNorm{1,2,3}d`` call or
+  ``F.batch_norm(..., training=False)`` on attributes (timm's ``BatchNormAct2d`` traces to it).
 - ``BN -> layer`` (a BN that could not be folded into its producer): folded into the layer that
   alone reads it when that layer does not zero-pad (event ``fold_bn_before``).
 - ``conv1 -> conv2``: merged into one conv when nothing else reads conv1's output, conv2 does not
   zero-pad (padding of an intermediate map is not a convolution of the input), and — unless both
   nodes carry the same ``meta["fxcompress.segment"]`` chosen by a planner — the merged conv costs
   no more multiply-accumulates than the two it replaces (a depthwise chain turned dense would).
-- ``add(convA(x), convB(x))``, ``add(conv(x), x)`` and ``add(conv(x), Pad(x))``: folded into one
-  conv (projection shortcut, identity skip, cropped identity) under the same cost rule.
+- sums of branches of one tensor ``x`` -- ``conv(x)`` (with its folded BN), ``conv(Pad(x))``,
+  ``Pad(x)``, ``BN(x)`` (a per-channel affine map: a depthwise 1x1 conv) and ``x`` itself --
+  in any association of nested adds (``(a + b) + c`` is two add nodes): the summands of one
+  tensor that save the most are folded into one conv (projection shortcut, identity skip,
+  cropped identity, RepVGG / MobileOne re-parameterisation), never costlier unless a planner
+  put them in one segment; other summands stay in the sum (event ``fold_skip``).
 - ``linear1 -> linear2``: merged when the product is no larger than the pair.
 
 A module called from several places is never modified: each rewritten call site gets a new module;
 nor is a module overwritten while anything still calls it or reads one of its attributes.
 In-place ops are respected: a chain's merged layer reads its input where the first layer did, and
-a skip is not folded when its input is written in place between the branches' reads.
+a sum is not folded when its input (or a summand left in the sum) is written in place between
+the branches' reads. Reads of a layer's rank only (``y.ndim`` in timm's shape assertions) are
+moved to its input, which has the same rank, so they do not block a fold.
 """
 
 from __future__ import annotations
@@ -26,6 +35,8 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import operator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -38,6 +49,7 @@ from .kernels import (
     ConvParams,
     LinearParams,
     add_parallel,
+    batchnorm_as_conv,
     compose,
     compose_linear,
     fold_bn,
@@ -46,13 +58,14 @@ from .kernels import (
 )
 from .modules import Pad
 from .ops import (
+    BatchNormCall,
     aliases,
-    batchnorm_of,
-    bn_statistics,
+    batchnorm_call,
     is_add,
     layer_of,
     mutated_input,
     pad_of,
+    reads_rank_only,
     single_user,
 )
 from .partition import LayerCost, cheapest_partition, composed_geometry, layer_macs
@@ -141,8 +154,11 @@ def merge(
         for node in list(gm.graph.nodes):
             if node.graph is not gm.graph or node not in gm.graph.nodes:
                 continue  # erased earlier in this sweep
-            event = _try_chain(gm, node, only_if_cheaper, cost) or _try_add(
-                gm, node, only_if_cheaper
+            event = (
+                _fold_bn_after_layer(gm, node)  # a sum folded into a conv may precede a BN
+                or _fold_bn_into_next(gm, node)
+                or _try_chain(gm, node, only_if_cheaper, cost)
+                or _try_sum(gm, node, only_if_cheaper, cost)
             )
             if event is not None:
                 events.append(event)
@@ -162,71 +178,103 @@ def _record(gm: fx.GraphModule, events: list[Event]) -> None:
 
 
 def _fold_all_bn(gm: fx.GraphModule) -> list[Event]:
+    """Fold every BatchNorm into the layer before it, then the rest into the layer after it."""
+    _move_rank_reads(gm)
     events = []
     for node in list(gm.graph.nodes):
-        bn = batchnorm_of(gm, node)
-        if bn is None or not node.args or not isinstance(node.args[0], fx.Node):
-            continue
-        producer = node.args[0]
-        if single_user(producer) is not node:
-            continue  # the layer's output is read elsewhere too; those readers need it unfolded
-        layer = layer_of(gm, producer)
-        if layer is None:
-            continue  # BN after something that is not a conv/linear layer
-        if layer.weight.shape[0] != bn.num_features:
-            continue
-        if isinstance(layer, LinearParams) and len(shape_of(producer) or ()) != 2:
-            continue  # BatchNorm1d on a 3-D linear output normalises another axis
-        folded = fold_bn(layer, **bn_statistics(bn))
-        name = _emit(gm, producer, node, folded, preferred=_name_hint(producer))
-        events.append(
-            {"kind": "fold_bn", "layer": _name_hint(producer), "bn": str(node.target), "into": name}
-        )
-    events += _fold_bn_before(gm)
+        if node.graph is gm.graph:
+            event = _fold_bn_after_layer(gm, node)
+            if event is not None:
+                events.append(event)
+    for node in list(gm.graph.nodes):
+        if node.graph is gm.graph:
+            event = _fold_bn_into_next(gm, node)
+            if event is not None:
+                events.append(event)
     return events
 
 
-def _fold_bn_before(gm: fx.GraphModule) -> list[Event]:
-    """Fold a BatchNorm that could not go into its producer into the layer that alone reads it.
+def _move_rank_reads(gm: fx.GraphModule) -> None:
+    """Make reads of a layer's or BatchNorm's rank (``y.ndim``) read its input's instead.
+
+    A conv, linear layer or BatchNorm keeps the rank of its input, so this is exact; it leaves
+    the layer read only by its real consumers (timm's layers assert ``x.ndim == 4`` on the
+    output of each conv, which would otherwise block every fold). Visited from the outputs
+    backwards, so a read moves through a whole run of layers.
+    """
+    for node in reversed(list(gm.graph.nodes)):
+        if not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        readers = [user for user in node.users if reads_rank_only(user, node)]
+        if not readers or (layer_of(gm, node) is None and batchnorm_call(gm, node) is None):
+            continue
+        for user in readers:
+            user.replace_input_with(node, node.args[0])
+
+
+def _bn_rank_fits(bn: BatchNormCall, node: fx.Node, rank: int) -> bool:
+    """Whether the BatchNorm ``node`` normalises an input of ``rank`` dimensions.
+
+    The recorded shape decides; without one, the module type (``nn.BatchNorm2d`` needs 4-D).
+    """
+    shape = shape_of(node)
+    return (len(shape) if shape is not None else bn.rank) == rank
+
+
+def _fold_bn_after_layer(gm: fx.GraphModule, node: fx.Node) -> Event | None:
+    """Fold the BatchNorm ``node`` into the conv / linear layer that produces its input."""
+    bn = batchnorm_call(gm, node)
+    if bn is None or not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    producer = node.args[0]
+    if single_user(producer) is not node:
+        return None  # the layer's output is read elsewhere too; those readers need it unfolded
+    layer = layer_of(gm, producer)
+    if layer is None:
+        return None  # BN after something that is not a conv/linear layer
+    if layer.weight.shape[0] != bn.num_features:
+        return None
+    # BatchNorm normalises axis 1. That is a conv's channel axis only on a batched output
+    # (N, C, *spatial); on an unbatched one (C, *spatial) axis 1 is spatial (BatchNorm1d on a
+    # (C, L) map treats C as the batch). A linear layer's features are axis 1 only in 2-D.
+    rank = 2 if isinstance(layer, LinearParams) else layer.ndim + 2
+    if not _bn_rank_fits(bn, node, rank):
+        logger.debug("not folding %s: its axis 1 is not the layer's channel axis", node.name)
+        return None
+    folded = fold_bn(layer, **bn.stats)
+    name = _emit(gm, producer, node, folded, preferred=_name_hint(producer))
+    return {"kind": "fold_bn", "layer": _name_hint(producer), "bn": bn.name, "into": name}
+
+
+def _fold_bn_into_next(gm: fx.GraphModule, node: fx.Node) -> Event | None:
+    """Fold the BatchNorm ``node`` into the layer that alone reads it.
 
     Exact only when that layer does not zero-pad (padding zeros come after the normalisation).
     """
-    events = []
-    for node in list(gm.graph.nodes):
-        if node.graph is not gm.graph:
-            continue  # erased in this pass
-        bn = batchnorm_of(gm, node)
-        if bn is None or not node.args or not isinstance(node.args[0], fx.Node):
-            continue
-        consumer = single_user(node)
-        if consumer is None or not consumer.args or consumer.args[0] is not node:
-            continue
-        if node in consumer.args[1:] or node in consumer.kwargs.values():
-            continue
-        layer = layer_of(gm, consumer)
-        shape = shape_of(node)
-        if layer is None or shape is None:
-            continue
-        if isinstance(layer, LinearParams):
-            if len(shape) != 2 or layer.in_features != bn.num_features:
-                continue  # BatchNorm1d normalises axis 1, a linear layer mixes the last one
-        elif (
-            len(shape) != layer.ndim + 2
-            or layer.in_channels != bn.num_features
-            or any(p > 0 for p in layer.padding)
-        ):
-            continue
-        folded = fold_bn_before(layer, **bn_statistics(bn))
-        name = _emit(gm, node, consumer, folded, preferred=_name_hint(consumer))
-        events.append(
-            {
-                "kind": "fold_bn_before",
-                "layer": _name_hint(consumer),
-                "bn": str(node.target),
-                "into": name,
-            }
-        )
-    return events
+    bn = batchnorm_call(gm, node)
+    if bn is None or not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    consumer = single_user(node)
+    if consumer is None or not consumer.args or consumer.args[0] is not node:
+        return None
+    if node in consumer.args[1:] or node in consumer.kwargs.values():
+        return None
+    layer = layer_of(gm, consumer)
+    shape = shape_of(node)
+    if layer is None or shape is None:
+        return None
+    if isinstance(layer, LinearParams):
+        if len(shape) != 2 or layer.in_features != bn.num_features:
+            return None  # BatchNorm normalises axis 1, a linear layer mixes the last one
+    elif (
+        len(shape) != layer.ndim + 2
+        or layer.in_channels != bn.num_features
+        or any(p > 0 for p in layer.padding)
+    ):
+        return None  # unbatched (axis 1 is spatial), other channels, or zero padding
+    folded = fold_bn_before(layer, **bn.stats)
+    name = _emit(gm, node, consumer, folded, preferred=_name_hint(consumer))
+    return {"kind": "fold_bn_before", "layer": _name_hint(consumer), "bn": bn.name, "into": name}
 
 
 # --------------------------------------------------------------------------- chains
@@ -411,31 +459,101 @@ def _run_shapes(
     return assumed_in[::-1], assumed_out[::-1]
 
 
-# --------------------------------------------------------------------------- skip folding
+# --------------------------------------------------------------------------- sums of branches
+#
+# A sum of branches that each apply a linear map to one tensor x -- a conv, a conv after a Pad,
+# a Pad (an identity with padding or crop), a BatchNorm (a depthwise 1x1 conv), or x itself --
+# is one conv of x: the sum of the branches' kernels (kernels.add_parallel). fx spells
+# ``a + b + c`` as nested adds, ``add(add(a, b), c)``; the outermost add of such a tree sees
+# every summand at once, so a three-branch RepVGG block folds in one step and a partial fold
+# (the summands of one tensor among others) re-associates the sum.
+
+_AnyLayer = ConvParams | LinearParams | None
+
+#: Summands of one tensor beyond which only the fold of all of them is priced (not subsets).
+MAX_SUBSET_SEARCH = 8
 
 
-def _branch(
-    gm: fx.GraphModule, node: fx.Node, add: fx.Node
-) -> tuple[fx.Node, ConvParams, bool] | None:
-    """View one input of ``add`` as ``(input, conv, erasable)``."""
-    if single_user(node) is not add or not node.args or not isinstance(node.args[0], fx.Node):
+@dataclass(frozen=True, eq=False)
+class _View:
+    """Summand ``term`` (an index) of a sum as the conv ``conv`` of ``source``.
+
+    ``branch`` is the node computing the summand, erased by the fold (``None`` when the
+    summand is ``source`` itself, an identity); ``reads`` are the nodes that read ``source``;
+    ``is_layer`` says whether ``branch`` is a conv layer (not a Pad or a BatchNorm).
+    """
+
+    term: int
+    source: fx.Node
+    conv: ConvParams
+    branch: fx.Node | None
+    reads: tuple[fx.Node, ...]
+    is_layer: bool = False
+
+
+_ADD_TARGETS = (operator.add, operator.iadd, torch.add)
+
+
+def _addends(node: fx.Node) -> tuple[fx.Node, ...] | None:
+    """The tensors ``node`` adds: both of a plain add, or one when the other is a constant 0
+    (``0 + t``: timm's MobileOne starts its sum with ``scale_out = 0``). ``None`` otherwise."""
+    if is_add(node):
+        return tuple(node.args)
+    if node.op != "call_function" or node.target not in _ADD_TARGETS:
         return None
-    layer = layer_of(gm, node)
-    if isinstance(layer, ConvParams):
-        source = node.args[0]
-        crop = _pad_as_conv(gm, source, layer.in_channels, layer.weight.dtype)
-        if crop is not None and single_user(source) is node:
-            # Pad(x) -> conv: a relocated projection shortcut; the pad is folded in too
-            try:
-                return source.args[0], compose(crop, layer), True
-            except ValueError:
-                return None
-        return source, layer, True
-    shape = shape_of(node.args[0])
-    crop = _pad_as_conv(gm, node, shape[1] if shape else 0, _dtype(node))
-    if crop is not None:
-        return node.args[0], crop, True
+    if len(node.args) != 2 or node.kwargs:
+        return None
+    for tensor, other in (node.args, node.args[::-1]):
+        zero = isinstance(other, int) and not isinstance(other, bool) and other == 0
+        if zero and isinstance(tensor, fx.Node) and _dtype(tensor) == _dtype(node):
+            return (tensor,)
     return None
+
+
+def _sum_tree(root: fx.Node) -> tuple[list[tuple[fx.Node, fx.Node]], list[fx.Node]] | None:
+    """The summands of the add tree under ``root`` as ``(node, the add reading it)``, and the
+    inner adds (each read only by the add above it, all of one shape). ``None`` if ``root`` is
+    no add, the adds broadcast or their shapes are unknown."""
+    shape = shape_of(root)
+    if shape is None or _addends(root) is None:
+        return None
+    terms: list[tuple[fx.Node, fx.Node]] = []
+    inner: list[fx.Node] = []
+    todo = [root]
+    while todo:
+        add = todo.pop()
+        args = _addends(add) or ()
+        for arg in args:
+            once = sum(a is arg for a in args) == 1
+            nested = _addends(arg) is not None and single_user(arg) is add and once
+            if nested and shape_of(arg) == shape:
+                inner.append(arg)
+                todo.append(arg)
+            elif shape_of(arg) != shape:
+                return None  # a broadcasting add
+            else:
+                terms.append((arg, add))
+    return terms, inner
+
+
+def _is_inner_add(node: fx.Node) -> bool:
+    """Whether ``node`` is an inner add of a larger sum tree (whose root folds it)."""
+    user = single_user(node)
+    addends = _addends(user) if user is not None else None
+    if addends is None or sum(a is node for a in addends) != 1:
+        return False
+    return shape_of(user) == shape_of(node) and _sum_tree(user) is not None
+
+
+def _channels(shape: tuple[int, ...] | None, ndim: int) -> int | None:
+    """The channel count of a map of ``shape`` read by a conv with ``ndim`` spatial axes."""
+    if shape is None:
+        return None
+    if len(shape) == ndim + 2:
+        return shape[1]  # batched (N, C, *spatial)
+    if len(shape) == ndim + 1:
+        return shape[0]  # unbatched (C, *spatial)
+    return None  # e.g. a 1-D tensor: no conv reads it
 
 
 def _dtype(node: fx.Node) -> torch.dtype:
@@ -443,99 +561,234 @@ def _dtype(node: fx.Node) -> torch.dtype:
     return getattr(meta, "dtype", torch.float32)
 
 
-def _pad_as_conv(
-    gm: fx.GraphModule, node: fx.Node, channels: int, dtype: torch.dtype
-) -> ConvParams | None:
+def _pad_as_conv(gm: fx.GraphModule, node: fx.Node, ndim: int) -> ConvParams | None:
     """A :class:`Pad` node viewed as an identity conv with that padding (crop if negative)."""
     amounts = pad_of(gm, node)
-    if amounts is None or channels <= 0 or not isinstance(node.args[0], fx.Node):
+    if amounts is None or len(amounts) != ndim or not isinstance(node.args[0], fx.Node):
         return None
-    return identity(channels, len(amounts), dtype=dtype, padding=tuple(amounts))
+    channels = _channels(shape_of(node.args[0]), ndim)
+    if channels is None:
+        return None
+    return identity(channels, ndim, dtype=_dtype(node), padding=tuple(amounts))
 
 
-def _try_add(gm: fx.GraphModule, add: fx.Node, only_if_cheaper: bool) -> Event | None:
-    if not is_add(add):
-        return None
-    u, v = add.args
-    shape = shape_of(u)
-    if shape is None or shape != shape_of(v):
-        return None  # broadcasting add, or unknown shapes
-    # each input viewed as a conv of some tensor: its own branch (conv, Pad, Pad -> conv), or
-    # itself through an identity; fold the first pair that reads one tensor and is worth it
-    options = [_views(gm, n, add, shape) for n in (u, v)]
-    for (xu, cu, eu), (xv, cv, ev) in itertools.product(*options):
-        if xu is not xv or not (eu or ev):
-            continue  # different tensors, or x + x (nothing to fold)
-        event = _fold_pair(gm, add, shape, (u, xu, cu, eu), (v, xv, cv, ev), only_if_cheaper)
-        if event is not None:
-            return event
+def _branch_view(
+    gm: fx.GraphModule, index: int, node: fx.Node, parent: fx.Node, layer: _AnyLayer, ndim: int
+) -> _View | None:
+    """The summand ``node`` (computed by ``layer``, if a layer) as a conv of its input: conv,
+    Pad -> conv, Pad or BatchNorm."""
+    if single_user(node) is not parent or not node.args or not isinstance(node.args[0], fx.Node):
+        return None  # read elsewhere too: it must stay
+    source = node.args[0]
+    if isinstance(layer, ConvParams):
+        if layer.ndim != ndim:
+            return None
+        crop = _pad_as_conv(gm, source, ndim) if single_user(source) is node else None
+        if crop is not None:
+            # Pad(x) -> conv: a relocated projection shortcut; the pad is folded in too
+            try:
+                merged = compose(crop, layer)
+            except ValueError:
+                return None
+            return _View(index, source.args[0], merged, node, (source, node), is_layer=True)
+        return _View(index, source, layer, node, (node,), is_layer=True)
+    bn = batchnorm_call(gm, node)
+    if bn is not None:
+        if not _bn_rank_fits(bn, node, ndim + 2):
+            return None  # unbatched: BatchNorm's axis 1 is not the channel axis
+        return _View(index, source, batchnorm_as_conv(ndim, **bn.stats), node, (node,))
+    crop = _pad_as_conv(gm, node, ndim)
+    if crop is not None:
+        return _View(index, source, crop, node, (node,))
     return None
 
 
-def _views(
-    gm: fx.GraphModule, node: fx.Node, add: fx.Node, shape: tuple[int, ...]
-) -> list[tuple[fx.Node, ConvParams, bool]]:
-    """``node`` as ``(input, conv, erasable)``: its own branch first, then itself as identity."""
+def _term_views(
+    gm: fx.GraphModule, index: int, node: fx.Node, parent: fx.Node, layer: _AnyLayer, ndim: int
+) -> list[_View]:
+    """Summand ``node`` as a conv: of its input (its own branch) and of itself (identity)."""
     views = []
-    branch = _branch(gm, node, add)
+    branch = _branch_view(gm, index, node, parent, layer, ndim)
     if branch is not None:
         views.append(branch)
-    if len(shape) >= 3:
-        views.append((node, identity(shape[1], len(shape) - 2, dtype=_dtype(add)), False))
+    channels = _channels(shape_of(node), ndim)
+    if channels is not None:
+        skip = identity(channels, ndim, dtype=_dtype(node))
+        views.append(_View(index, node, skip, None, (parent,)))
     return views
 
 
-def _fold_pair(
-    gm: fx.GraphModule,
-    add: fx.Node,
-    shape: tuple[int, ...],
-    first: tuple[fx.Node, fx.Node, ConvParams, bool],
-    second: tuple[fx.Node, fx.Node, ConvParams, bool],
-    only_if_cheaper: bool,
+def _sum_ndims(
+    gm: fx.GraphModule, terms: list[tuple[fx.Node, fx.Node]], layers: list[_AnyLayer]
+) -> list[int]:
+    """Numbers of spatial axes under which the summands may be convs (from their layers)."""
+    ndims = set()
+    for (node, _), layer in zip(terms, layers):
+        amounts = pad_of(gm, node)
+        bn = batchnorm_call(gm, node)
+        shape = shape_of(node)
+        if isinstance(layer, ConvParams):
+            ndims.add(layer.ndim)
+        elif amounts is not None:
+            ndims.add(len(amounts))
+        elif bn is not None and shape is not None and 3 <= len(shape) <= 5:
+            ndims.add(len(shape) - 2)
+    return sorted(ndims)
+
+
+def _try_sum(
+    gm: fx.GraphModule, root: fx.Node, only_if_cheaper: bool, cost: LayerCost | None = None
 ) -> Event | None:
-    (nu, xu, cu, eu), (nv, _, cv, ev) = first, second
-    u, v = add.args
-    try:
-        merged = add_parallel(cu, cv)
-    except ValueError as exc:
-        logger.debug("not folding %s: %s", add.name, exc)
+    """Fold the summands of one tensor in the sum tree under ``root`` into one conv.
+
+    Among the summands that are convs of one tensor (its own branches, or the tensor itself),
+    the set folded is the one saving the most (by ``cost``, default multiply-accumulates),
+    never one that costs more unless a planner put it in ``root``'s segment.
+    """
+    if _addends(root) is None or _is_inner_add(root):
         return None
-    forced = _same_segment(nu, add) or _same_segment(nv, add)
-    if only_if_cheaper and not forced:
-        before = _conv_macs(cu, shape) + _conv_macs(cv, shape)
-        if _conv_macs(merged, shape) > before:
-            return None
-    replaced = [n for n, erase in ((nu, eu), (nv, ev)) if erase]
-    if _written_between(gm, xu, replaced, add):
-        logger.debug("not folding %s: its input is written in place in between", add.name)
+    tree = _sum_tree(root)
+    if tree is None:
         return None
-    convs = [n for n in replaced if layer_of(gm, n) is not None]
-    hint = _name_hint(convs[0]) if convs else add.name
-    name = _emit(gm, xu, add, merged, preferred=hint, replaced=replaced)
-    return {
-        "kind": "fold_skip",
-        "add": add.name,
-        "branches": [_name_hint(n) for n in (u, v)],
-        "into": name,
-    }
+    terms, inner = tree
+    layers = [layer_of(gm, node) for node, _ in terms]
+    for ndim in _sum_ndims(gm, terms, layers):
+        views = [
+            view
+            for i, ((node, parent), layer) in enumerate(zip(terms, layers))
+            for view in _term_views(gm, i, node, parent, layer, ndim)
+        ]
+        chosen = _best_fold(gm, root, views, only_if_cheaper, cost)
+        if chosen is None:
+            continue
+        group, merged = chosen
+        if _written_during(gm, root, terms, inner, group):
+            logger.debug("not folding %s: a tensor it reads is written in place", root.name)
+            continue
+        return _emit_sum(gm, root, terms, inner, group, merged)
+    return None
 
 
-def _written_between(gm: fx.GraphModule, x: fx.Node, branches: list[fx.Node], add: fx.Node) -> bool:
-    """Whether an in-place op writes ``x`` (or a view of it) while the branches read it.
+def _best_fold(
+    gm: fx.GraphModule,
+    root: fx.Node,
+    views: list[_View],
+    only_if_cheaper: bool,
+    cost: LayerCost | None,
+) -> tuple[list[_View], ConvParams] | None:
+    """The views to fold (two or more summands of one tensor) and their sum, or ``None``."""
+    price = layer_macs if cost is None else cost
+    out_shape = shape_of(root)
+    by_source: dict[fx.Node, list[_View]] = {}
+    for view in views:
+        by_source.setdefault(view.source, []).append(view)
+    best: tuple[tuple[float, ...], list[_View]] | None = None
+    for source, group in by_source.items():
+        in_shape = shape_of(source)
+        if len(group) < 2 or in_shape is None or out_shape is None:
+            continue
+        # convs first: the sum takes the dtype of its first operand
+        group.sort(key=lambda v: (not v.is_layer, v.term))
+        alone = [price(v.conv.to(device="meta"), in_shape, out_shape) for v in group]
+        sizes = range(len(group), 1, -1) if len(group) <= MAX_SUBSET_SEARCH else [len(group)]
+        for size in sizes:
+            for picked in itertools.combinations(range(len(group)), size):
+                subset = [group[i] for i in picked]
+                if all(v.branch is None for v in subset):
+                    continue  # x + x: nothing to fold
+                try:
+                    merged = add_parallel(*(v.conv.to(device="meta") for v in subset))
+                except ValueError:
+                    continue  # strides or output sizes differ
+                forced = not only_if_cheaper or any(
+                    _same_segment(v.branch or v.source, root) for v in subset
+                )
+                saving = sum(alone[i] for i in picked) - price(merged, in_shape, out_shape)
+                if not forced and not saving >= 0:
+                    continue  # the summed kernel costs more than the branches
+                key = (1, size, saving) if forced else (0, saving, size)
+                if best is None or key > best[0]:
+                    best = (key, subset)
+    if best is None:
+        return None
+    subset = best[1]
+    return subset, add_parallel(*(v.conv for v in subset))
 
-    The branches read ``x`` at their own nodes (or at a ``Pad`` feeding them) and an identity
-    branch reads it at ``add``; one merged conv can read it only once. ``add`` itself counts
-    when it writes its first argument in place and that argument is ``x`` (``x.add_(conv(x))``).
+
+def _written_during(
+    gm: fx.GraphModule,
+    root: fx.Node,
+    terms: list[tuple[fx.Node, fx.Node]],
+    inner: list[fx.Node],
+    group: list[_View],
+) -> bool:
+    """Whether an in-place op writes a tensor that the fold reads at another moment.
+
+    The folded conv reads its source once, at ``root``, where the branches read it at their
+    own nodes (or at a ``Pad`` feeding them), and the summands left over are read at ``root``
+    instead of at their inner adds; so nothing may write the source or a left-over summand
+    (or a view of them) between the first of those reads and ``root``, ``root`` included
+    (``x.add_(conv(x))`` writes ``x``).
     """
     order = topo_index(gm)
-    readers = [*branches, add]
-    readers += [n.args[0] for n in branches if n.args and n.args[0] is not x]
-    first = min(order[n] for n in readers if isinstance(n, fx.Node) and n in order)
-    shared = aliases(gm, x)
-    for node, i in order.items():
-        if first <= i <= order[add] and mutated_input(gm, node) in shared:
-            return True
-    return False
+    folded = {v.term for v in group}
+    watched = aliases(gm, group[0].source)
+    for i, (node, _) in enumerate(terms):
+        if i not in folded:
+            watched |= aliases(gm, node)
+    readers = [root, *inner, *(r for v in group for r in v.reads)]
+    first = min(order[n] for n in readers if n in order)
+    return any(
+        first <= i <= order[root] and mutated_input(gm, node) in watched
+        for node, i in order.items()
+    )
+
+
+def _emit_sum(
+    gm: fx.GraphModule,
+    root: fx.Node,
+    terms: list[tuple[fx.Node, fx.Node]],
+    inner: list[fx.Node],
+    group: list[_View],
+    merged: ConvParams,
+) -> Event:
+    """Replace the summands in ``group`` by one call of ``merged``, keeping the rest of the sum."""
+    order = topo_index(gm)
+    folded = sorted(group, key=lambda v: v.term)
+    names = [_name_hint(terms[v.term][0]) for v in folded]
+    convs = [v.branch for v in folded if v.branch is not None and v.is_layer]
+    hint = _name_hint(convs[0]) if convs else root.name
+    root_name = root.name
+    taken = {v.term for v in group}
+    rest = [node for i, (node, _) in enumerate(terms) if i not in taken]
+    end = root
+    if rest:
+        # re-associate: (folded summands) + the rest, built where root is; root and its inner
+        # adds go (they are read only inside the tree)
+        with gm.graph.inserting_before(root):
+            sub = _add_chain(gm, [terms[v.term][0] for v in folded], root)
+            total = _add_chain(gm, [sub[-1], *rest], root)
+        root.replace_all_uses_with(total[-1])
+        for node in sorted([root, *inner], key=order.__getitem__, reverse=True):
+            gm.graph.erase_node(node)
+        end, inner = sub[-1], sub[:-1]
+    erased = {v.branch for v in group if v.branch is not None}
+    order = topo_index(gm)
+    replaced = sorted([*erased, *inner], key=order.__getitem__)
+    name = _emit(gm, group[0].source, end, merged, preferred=hint, replaced=replaced)
+    return {"kind": "fold_skip", "add": root_name, "branches": names, "into": name}
+
+
+def _add_chain(gm: fx.GraphModule, nodes: list[fx.Node], like: fx.Node) -> list[fx.Node]:
+    """The adds of ``((nodes[0] + nodes[1]) + ...)``, inserted at the current insertion point
+    with ``like``'s meta; the last one is the sum."""
+    adds = []
+    total = nodes[0]
+    for node in nodes[1:]:
+        total = gm.graph.call_function(operator.add, (total, node))
+        total.meta = dict(like.meta)
+        adds.append(total)
+    return adds
 
 
 # --------------------------------------------------------------------------- emission
@@ -617,10 +870,3 @@ def _same_segment(a: fx.Node, b: fx.Node) -> bool:
     sa, sb = a.meta.get(SEGMENT), b.meta.get(SEGMENT)
     return sa is not None and sa == sb
 
-
-def _conv_macs(params: ConvParams, out_shape: tuple[int, ...] | None) -> float:
-    if out_shape is None:
-        return math.inf
-    spatial = math.prod(out_shape[2:]) if len(out_shape) > 2 else 1
-    per_output = params.weight.shape[1] * math.prod(params.kernel_size)
-    return float(out_shape[0] * params.out_channels * spatial * per_output)

@@ -608,3 +608,123 @@ def test_merged_result_can_be_captured_and_merged_again():
     twice = merge(capture(once, x))
     assert_equivalent(twice, model, x)
     assert count(twice, CONVS) == count(once, CONVS) == 2
+
+
+# ------------------------------------------------------------------------------------------
+# Unbatched inputs and tensors without a channel axis (issue 15, items 1 and 6)
+# ------------------------------------------------------------------------------------------
+
+
+class FunctionalBN(nn.Module):
+    """``F.batch_norm`` on its own buffers (what torch.fx records for BatchNorm subclasses it
+    traces through, such as timm's BatchNormAct2d): it accepts any rank, normalising axis 1."""
+
+    def __init__(self, features: int):
+        super().__init__()
+        bn = random_bn(features, 1e-3, ndim=1)
+        for name in ("running_mean", "running_var", "weight", "bias"):
+            self.register_buffer(name, getattr(bn, name).detach().clone())
+
+    def forward(self, x):
+        w, b = self.weight, self.bias
+        return F.batch_norm(x, self.running_mean, self.running_var, w, b, False, 0.0, 1e-3)
+
+
+class Unbatched(nn.Module):
+    """A layer then a BatchNorm, or a BatchNorm then a layer, on an unbatched input: the
+    BatchNorm's axis 1 is then spatial (BatchNorm1d on (C, L) treats C as the batch), so the
+    BatchNorm is not the per-channel map of the layer it touches and must not be folded."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        torch.manual_seed(0)
+        if kind == "conv1d -> bn1d":  # (4, 10) -> (8, 8): BatchNorm1d(8) normalises L
+            self.layers = nn.Sequential(nn.Conv1d(4, 8, 3), random_bn(8, 1e-5, ndim=1))
+        elif kind == "conv2d -> bn1d":  # (3, 6, 7) -> (4, 4, 5): BatchNorm1d(4) normalises H
+            self.layers = nn.Sequential(nn.Conv2d(3, 4, 3), random_bn(4, 1e-5, ndim=1))
+        elif kind == "conv2d -> F.batch_norm":
+            self.layers = nn.Sequential(nn.Conv2d(3, 4, 3), FunctionalBN(4))
+        elif kind == "linear 3-d -> bn1d":  # (2, 3, 5) -> (2, 3, 3): normalises axis 1
+            self.layers = nn.Sequential(nn.Linear(5, 3), random_bn(3, 1e-5, ndim=1))
+        elif kind == "bn1d -> conv1d":  # (4, 10): BatchNorm1d(10) normalises L, not channels
+            self.layers = nn.Sequential(random_bn(10, 1e-5, ndim=1), nn.Conv1d(4, 10, 1))
+        elif kind == "conv2d + F.batch_norm":  # a sum: the BN is no diagonal conv here
+            self.layers = nn.ModuleList([nn.Conv2d(4, 4, 3, padding=1), FunctionalBN(4)])
+        elif kind == "conv2d + identity":  # unbatched identity skip: its channels are axis 0
+            self.layers = nn.ModuleList([nn.Conv2d(4, 4, 3, padding=1), nn.Identity()])
+        else:
+            raise AssertionError(kind)
+
+    def forward(self, x):
+        if isinstance(self.layers, nn.ModuleList):
+            return self.layers[0](x) + self.layers[1](x)
+        return self.layers(x)
+
+
+UNBATCHED = {
+    "conv1d -> bn1d": (4, 10),
+    "conv2d -> bn1d": (3, 6, 7),
+    "conv2d -> F.batch_norm": (3, 6, 7),
+    "linear 3-d -> bn1d": (2, 3, 5),
+    "bn1d -> conv1d": (4, 10),
+    "conv2d + F.batch_norm": (4, 4, 5),
+    "conv2d + identity": (4, 4, 5),
+}
+
+
+@pytest.mark.parametrize("kind", list(UNBATCHED))
+def test_bn_on_unbatched_maps_is_not_folded_across_axes(kind):
+    """Issue 15 item 1: merge and fold_batchnorm folded BatchNorm1d after an unbatched Conv1d
+    on the channel axis (relative error 1.2); the axis it normalises is spatial there."""
+    model = Unbatched(kind).double().eval()
+    x = torch.randn(*UNBATCHED[kind], dtype=torch.float64)
+    out = assert_merged_exact(model, x)
+    assert_equivalent(fold_batchnorm(capture(model, x)), model, x)
+    if kind == "conv2d + identity":  # the skip folds: channels are axis 0 of (C, H, W)
+        assert [n.op for n in out.graph.nodes] == ["placeholder", "call_module", "output"]
+    elif "F.batch_norm" in kind:
+        assert any(n.target is F.batch_norm for n in out.graph.nodes)
+    else:
+        assert count(out, BNS) == 1
+
+
+def test_bn_after_a_batched_conv1d_still_folds():
+    """The batched counterpart of the unbatched cases above folds (the guard is by rank)."""
+    model = nn.Sequential(nn.Conv1d(4, 8, 3), random_bn(8, 1e-5, ndim=1)).double().eval()
+    out = assert_merged_exact(model, torch.randn(2, 4, 10, dtype=torch.float64))
+    assert count(out, BNS) == 0
+
+
+def test_optimize_on_an_unbatched_conv_bn_is_exact():
+    """Issue 15 item 1: optimize raised a "bug" RewriteError (and with check=False returned a
+    wrong model)."""
+    import fxcompress
+
+    model = Unbatched("conv1d -> bn1d").eval()
+    x = torch.randn(4, 10)
+    compiled = fxcompress.optimize(model, 1.0, example_inputs=x, latency="flops")
+    assert_equivalent(compiled, model, x)
+
+
+class OneDimensionalAdds(nn.Module):
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.p = nn.Parameter(torch.randn(5))
+        self.q = nn.Parameter(torch.randn(5))
+
+    def forward(self, x):
+        if self.kind == "reductions":  # add(relu(v), sigmoid(w)) with 1-D v, w
+            return torch.relu(x.mean(0)) + torch.sigmoid(x.amax(0))
+        if self.kind == "parameters":
+            return x * (self.p + self.q)
+        return x.sum(0) + torch.tanh(x.sum(0))  # an identity view of a 1-D tensor
+
+
+@pytest.mark.parametrize("kind", ["reductions", "parameters", "identity"])
+def test_adds_of_one_dimensional_tensors(kind):
+    """Issue 15 item 6: merge raised IndexError (shape[1]) on an add of 1-D tensors (timm's
+    edgenext_xx_small); such a tensor has no channel axis and no conv reads it."""
+    model = OneDimensionalAdds(kind).double().eval()
+    assert_merged_exact(model, torch.randn(3, 5, dtype=torch.float64))
