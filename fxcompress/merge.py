@@ -10,17 +10,21 @@ runs in float64). Patterns and the reasons they are skipped:
   ``F.batch_norm(..., training=False)`` on attributes (timm's ``BatchNormAct2d`` traces to it).
 - ``BN -> layer`` (a BN that could not be folded into its producer): folded into the layer that
   alone reads it when that layer does not zero-pad (event ``fold_bn_before``).
-- ``conv1 -> conv2``: merged into one conv when nothing else reads conv1's output, conv2 does not
-  zero-pad (padding of an intermediate map is not a convolution of the input), and — unless both
-  nodes carry the same ``meta["fxcompress.segment"]`` chosen by a planner — the merged conv costs
-  no more multiply-accumulates than the two it replaces (a depthwise chain turned dense would).
+- linear runs ``conv1 -> conv2 -> ...`` (or of linear layers), each layer's output read only by
+  the next: split into the parts of least total cost, each merged into one layer, by a DP over
+  the run (:mod:`fxcompress.partition`; cost: multiply-accumulates at the traced shape, or the
+  ``cost`` given to :func:`merge`). Keeping every layer is a candidate, so the result is never
+  costlier (a depthwise chain turned dense would be), yet a whole run may merge where no pair
+  would (an inverted residual without activations is one dense conv). A zero-padded layer
+  begins a part (padding of an intermediate map is not a convolution of the input, see
+  :func:`~fxcompress.kernels.compose`); layers that carry the same
+  ``meta["fxcompress.segment"]`` chosen by a planner are merged regardless.
 - sums of branches of one tensor ``x`` -- ``conv(x)`` (with its folded BN), ``conv(Pad(x))``,
   ``Pad(x)``, ``BN(x)`` (a per-channel affine map: a depthwise 1x1 conv) and ``x`` itself --
   in any association of nested adds (``(a + b) + c`` is two add nodes): the summands of one
   tensor that save the most are folded into one conv (projection shortcut, identity skip,
   cropped identity, RepVGG / MobileOne re-parameterisation), never costlier unless a planner
   put them in one segment; other summands stay in the sum (event ``fold_skip``).
-- ``linear1 -> linear2``: merged when the product is no larger than the pair.
 
 A module called from several places is never modified: each rewritten call site gets a new module;
 nor is a module overwritten while anything still calls it or reads one of its attributes.
