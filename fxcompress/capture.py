@@ -13,9 +13,11 @@ Invariants of a captured module:
 - a submodule with forward hooks or forward pre-hooks is a leaf of the trace, installed inside a
   :class:`Hooked` wrapper that no pass recognises, so it is kept exactly as it is (hooks and all)
   and never rewritten, canonicalised or folded; ``gm.meta["fxcompress.hooked"]`` maps its
-  qualified name to its hooks. Hooks on the top-level module and global hooks
-  (``torch.nn.modules.module.register_module_forward_hook``) cannot be kept in a graph and are
-  refused with :class:`~fxcompress.errors.CaptureError`.
+  qualified name to its hooks. Hooks on the top-level module do not run in a graph: with
+  ``check=True`` they must leave the outputs alone (a torch.export module's input checks do),
+  else :class:`~fxcompress.errors.CaptureError` names them. Global module hooks
+  (``torch.nn.modules.module.register_module_forward_hook``) would run on every layer a rewrite
+  creates or removes and are refused.
 """
 
 from __future__ import annotations
@@ -151,8 +153,8 @@ def _hook_name(hook: Any) -> str:
     return str(name)
 
 
-def _check_unkeepable_hooks(model: nn.Module) -> None:
-    """Refuse hooks that no graph can keep: global ones and those on the top-level module."""
+def _check_global_hooks() -> None:
+    """Refuse global module hooks: no rewritten graph can keep what they do."""
     global_hooks = [
         f"{kind} {_hook_name(h)}"
         for kind, hooks in (
@@ -168,14 +170,6 @@ def _check_unkeepable_hooks(model: nn.Module) -> None:
             "can compute what the model computes with them. Remove them while compressing "
             "(the handle returned by torch.nn.modules.module.register_module_forward_hook has "
             ".remove()) and register them again afterwards."
-        )
-    own = forward_hooks(model)
-    if own:
-        raise CaptureError(
-            f"the model itself ({type(model).__name__}) has {', '.join(own)}: a traced graph "
-            "runs the model's forward without the hooks of its top-level module. Remove them "
-            "while compressing and register them on the result (a GraphModule) afterwards; hooks "
-            "on submodules are kept (the hooked submodule is left as it is)."
         )
 
 
@@ -253,8 +247,8 @@ def capture(
         If ``torch.fx`` cannot trace the model, the traced graph fails on the example inputs (the
         message holds the underlying error, e.g. a channel count that does not match), or (with
         ``check``) it computes something else than the model; the message names the submodule
-        and source line and suggests ``leaf_modules``. Also if the top-level module has forward
-        hooks or global module hooks are registered, which no graph can keep.
+        and source line and suggests ``leaf_modules`` (or names the top-level module's forward
+        hooks, which do not run in a graph). Also if global module hooks are registered.
 
     Notes
     -----
@@ -263,7 +257,9 @@ def capture(
     it stays one call of the module itself, wrapped in :class:`Hooked`, so its hooks run as
     before and no pass rewrites, canonicalises or folds it (nor merges across it). It is logged,
     listed in ``gm.meta["fxcompress.hooked"]`` and reported among the parts left as they are.
-    Remove a hook before compressing to let that module be compressed.
+    Remove a hook before compressing to let that module be compressed. Hooks on ``model`` itself
+    cannot be kept (the graph is its forward): with ``check`` they must leave the outputs
+    alone, as the input checks of a ``torch.export`` module do; without it they are logged.
 
     Examples
     --------
@@ -287,7 +283,8 @@ def capture(
             raise InvalidArgument(
                 f"leaf_modules names {name!r}, which is not a submodule of the model"
             ) from None
-    _check_unkeepable_hooks(model)
+    _check_global_hooks()
+    root_hooks = forward_hooks(model)
     try:
         copied = copy.deepcopy(model).eval()
     except RuntimeError as exc:
@@ -309,7 +306,13 @@ def capture(
     _wrap_hooked(gm)
     traced_out = propagate_shapes(gm, inputs)
     if check:
-        _check_trace(copied, gm, inputs, traced_out)
+        _check_trace(copied, gm, inputs, traced_out, root_hooks)
+    elif root_hooks:
+        logger.warning(
+            "the model's own %s do not run in the traced graph, and check=False does not verify "
+            "that they leave the outputs alone",
+            ", ".join(root_hooks),
+        )
 
     counts = module_call_counts(gm)
     shared = sorted(
@@ -370,7 +373,11 @@ def _params(gm: fx.GraphModule, name: str) -> Any:
 
 
 def _check_trace(
-    model: nn.Module, gm: fx.GraphModule, inputs: tuple[Any, ...], traced_out: Any
+    model: nn.Module,
+    gm: fx.GraphModule,
+    inputs: tuple[Any, ...],
+    traced_out: Any,
+    root_hooks: Sequence[str] = (),
 ) -> None:
     try:
         with torch.no_grad():
@@ -378,6 +385,13 @@ def _check_trace(
     except Exception as exc:  # pragma: no cover - the trace ran, so the model normally does too
         raise CaptureError(f"the model failed on the example inputs: {_cause(exc)}") from None
     _, problem = compare_outputs(traced_out, expected)
+    if problem is not None and root_hooks:
+        raise CaptureError(
+            f"the model itself ({type(model).__name__}) has {', '.join(root_hooks)}, which do "
+            f"not run in a traced graph, and the graph computes something else ({problem}). "
+            "Remove them while compressing and register them on the result (a GraphModule) "
+            "afterwards; hooks on submodules are kept (the hooked submodule is left as it is)."
+        )
     if problem is not None:
         raise CaptureError(
             f"the graph traced by torch.fx does not compute what the model computes on the "

@@ -105,11 +105,25 @@ def test_a_hooked_module_survives_a_budget_below_one_untouched():
     torch.testing.assert_close(kept[0].weight, model[2][0].weight, rtol=0, atol=0)
 
 
-def test_hooks_on_the_top_level_module_are_refused_naming_the_hook():
+def test_hooks_on_the_top_level_module_that_change_outputs_are_refused_naming_them(caplog):
     model = net()
     model.register_forward_hook(shift)
-    with pytest.raises(CaptureError, match="forward hook shift"):
-        fxcompress.optimize(model, 1.0, torch.randn(1, 3, 8, 8), latency="flops")
+    x = torch.randn(1, 3, 8, 8)
+    with pytest.raises(CaptureError, match="has forward hook shift, which do not run"):
+        fxcompress.optimize(model, 1.0, x, latency="flops")
+    with caplog.at_level(logging.WARNING, logger="fxcompress"):
+        fxcompress.optimize(model, 1.0, x, latency="flops", check=False)
+    assert any("forward hook shift" in r.getMessage() for r in caplog.records)
+
+
+def test_top_level_hooks_that_leave_outputs_alone_are_accepted():
+    calls = []
+    model = net()
+    model.register_forward_pre_hook(lambda m, i: calls.append(1))  # e.g. checks of the inputs
+    x = torch.randn(1, 3, 8, 8)
+    out = fxcompress.optimize(model, 1.0, x, latency="flops")
+    assert_equivalent(out, model, x)
+    assert calls
 
 
 def test_global_module_hooks_are_refused_naming_the_hook():
