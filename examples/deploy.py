@@ -9,6 +9,8 @@ The whole deployment path in one script, on synthetic data (no downloads):
    matplotlib is installed);
 4. export it to ONNX and check that onnxruntime computes what the compressed model computes.
 
+Both files take any batch size (the example has batch 1; they are checked at batch 1 and 8).
+
     python examples/deploy.py                  # measured CPU latency, ~1-2 min
     python examples/deploy.py --fast           # analytic latency, small data: a few seconds
 
@@ -144,8 +146,13 @@ def main(argv: list[str] | None = None) -> dict:
     print(report.to_markdown())
     print(f"compressed: test accuracy {acc_after:.3f} (was {acc_before:.3f})")
 
-    # 3. save: a torch.export program and the report (JSON; PNG with matplotlib)
+    # 3. save: a torch.export program (any batch size) and the report (JSON; PNG with matplotlib)
     fxcompress.save(compiled, out / "model.pt2", example)
+    program = fxcompress.load(out / "model.pt2")
+    with torch.no_grad():
+        batch = x_test[:8]
+        diff_pt2 = float((program(batch) - compiled(batch)).abs().max())
+    print(f"model.pt2 at batch 8 (example: batch 1) vs eager: max abs diff {diff_pt2:.2e}")
     (out / "report.json").write_text(report.to_json())
     try:
         from fxcompress.plots import plot_report
@@ -154,21 +161,27 @@ def main(argv: list[str] | None = None) -> dict:
     except ModuleNotFoundError as exc:
         print(f"no plot: {exc}")
 
-    # 4. ONNX, run by onnxruntime, against the compressed model in eager mode
+    # 4. ONNX (dynamic batch too), run by onnxruntime at batch 1 and 8, against eager mode
     import onnxruntime
 
-    torch.onnx.export(compiled, (example,), str(out / "model.onnx"), dynamo=True, verbose=False)
+    from fxcompress.io import export_onnx
+
+    export_onnx(compiled, out / "model.onnx", example)
     session = onnxruntime.InferenceSession(
         str(out / "model.onnx"), providers=["CPUExecutionProvider"]
     )
-    with torch.no_grad():
-        expected = compiled(example)
-    (got,) = session.run(None, {session.get_inputs()[0].name: example.numpy()})
-    diff = float((torch.from_numpy(got) - expected).abs().max())
-    scale = float(expected.abs().max())
-    print(f"onnxruntime vs eager: max abs diff {diff:.2e} (outputs up to {scale:.2f})")
+    diff, scale = 0.0, 0.0
+    for batch in (x_test[:1], x_test[:8]):
+        with torch.no_grad():
+            expected = compiled(batch)
+        (got,) = session.run(None, {session.get_inputs()[0].name: batch.numpy()})
+        diff = max(diff, float((torch.from_numpy(got) - expected).abs().max()))
+        scale = max(scale, float(expected.abs().max()))
+    print(f"onnxruntime vs eager, batch 1 and 8: max abs diff {diff:.2e} (outputs ≤ {scale:.2f})")
     if not diff <= 1e-4 * max(scale, 1.0):
         raise SystemExit(f"onnxruntime output differs from the compressed model by {diff:.3g}")
+    if not diff_pt2 <= 1e-4 * max(scale, 1.0):
+        raise SystemExit(f"model.pt2 at batch 8 differs from the compressed model: {diff_pt2:.3g}")
 
     summary = {
         "budget": args.budget,
@@ -179,6 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
         "params_before": report.params_before,
         "params_after": report.params_after,
         "onnxruntime_max_abs_diff": diff,
+        "pt2_batch8_max_abs_diff": diff_pt2,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"wrote {out}/: model.pt2, model.onnx, report.json, summary.json")

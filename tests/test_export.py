@@ -7,6 +7,7 @@ rewrites only) with the original model too.
 from __future__ import annotations
 
 import functools
+import logging
 
 import numpy as np
 import onnxruntime  # the `export` extra
@@ -16,6 +17,7 @@ import torchvision
 from torch import fx, nn
 
 import fxcompress
+from fxcompress.io import load, save
 from fxcompress.testing import _randomise_bn, assert_equivalent
 
 
@@ -117,6 +119,64 @@ def test_onnxruntime_matches_eager(budget, tmp_path) -> None:
     got = _onnx_run(result, x, tmp_path / "m.onnx")
     assert_equivalent(lambda _: torch.from_numpy(got), result, x)
     _check_exact_at_one(model, result, x)
+
+
+@BUDGETS
+def test_saved_program_runs_at_any_batch_size(budget, tmp_path) -> None:
+    model, result, x = _compressed(budget)
+    path = save(result, tmp_path / "m.pt2", x[:1])  # a batch-1 example, as a deployment has
+    program = load(path)
+    for n in (1, 8):
+        xb = torch.randn(n, 3, 16, 16)
+        assert_equivalent(program, result, xb)
+        if budget == 1.0:
+            assert_equivalent(program, model, xb)
+    if budget < 1:
+        # without example inputs: the shapes recorded in the result, and still any batch
+        program = load(save(result, tmp_path / "r.pt2"))
+        assert_equivalent(program, result, torch.randn(8, 3, 16, 16))
+
+
+def test_onnx_export_runs_at_any_batch_size_in_onnxruntime(tmp_path) -> None:
+    from fxcompress.io import export_onnx
+
+    # one budget keeps this fast: the compressed model (merged kernels) is the interesting one
+    _, result, x = _compressed(0.5)
+    path = export_onnx(result, tmp_path / "m.onnx", x[:1])
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    for n in (1, 8):
+        xb = torch.randn(n, 3, 16, 16)
+        got = session.run(None, {name: xb.numpy()})[0]
+        assert_equivalent(lambda _, got=got: torch.from_numpy(got), result, xb)
+
+
+class FixedBatch(nn.Module):
+    """Concatenates a batch-1 parameter: exportable for a batch of 1 only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.extra = nn.Parameter(torch.randn(1, 2, 4, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, self.extra], 1).relu()
+
+
+def test_a_model_that_fixes_its_batch_is_saved_static_with_a_warning(tmp_path, caplog) -> None:
+    model = FixedBatch().train()
+    x = torch.randn(1, 3, 4, 4)
+    before = x.clone()
+    with caplog.at_level(logging.WARNING, logger="fxcompress.io"):
+        path = save(model, tmp_path / "m.pt2", x)
+    assert "could not be exported with a dynamic batch dimension" in caplog.text
+    assert "batch size 1 only" in caplog.text
+    assert_equivalent(load(path), model, x)
+    assert model.training  # the caller's flag is restored
+    assert torch.equal(x, before)
+    with caplog.at_level(logging.WARNING, logger="fxcompress.io"):
+        caplog.clear()
+        save(model, tmp_path / "s.pt2", x, dynamic_batch=False)  # asked for: no warning
+    assert caplog.text == ""
 
 
 def test_torch_compile_matches_eager() -> None:
