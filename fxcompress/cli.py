@@ -6,6 +6,8 @@ Examples::
     fxcompress optimize mypkg.models:build --budget 1.0 --input-shape 1,3,64,64 --latency flops
     fxcompress optimize mypkg.models:build --budget 0.7 --input-shape 1,3,64,64 \
         --data mypkg.data:calibration_batches --plot r.png
+    fxcompress optimize mypkg.models:build --budget 0.5 --input-shape 1,3,64,64 \
+        --finetune distill --train-data mypkg.data:train_batches --epochs 4 --plan-candidates 3
     fxcompress report r18.report.json --plot r18.png
     fxcompress latency --cache-dir .fxc --show
 """
@@ -70,13 +72,19 @@ def _load_model(spec: str, allow_pickle: bool) -> nn.Module:
     )
 
 
-def _import(spec: str) -> Any:
-    """The object named by ``package.module:attr``."""
-    module_name, attr = spec.split(":", 1)
+def _import(spec: str, flag: str | None = None) -> Any:
+    """The object named by ``package.module:attr`` (``flag`` names the option in errors)."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        what = f"{flag} " if flag else ""
+        raise UsageError(f"{what}must look like package.module:factory, got {spec!r}")
     try:
         return getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
-        raise UsageError(f"cannot load {spec!r}: {exc}") from exc
+        what = f"{flag} " if flag else ""
+        raise UsageError(
+            f"cannot load {what}{spec!r} (expected package.module:factory): {exc}"
+        ) from exc
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -94,7 +102,7 @@ def _data(path: str | None) -> Any:
     if path is None:
         return None
     if not path.endswith((".pt", ".pth")) and ":" in path:
-        factory = _import(path)
+        factory = _import(path, "--data")
         data = factory() if callable(factory) else factory
         if isinstance(data, torch.Tensor) or not hasattr(data, "__iter__"):
             raise UsageError(
@@ -117,6 +125,104 @@ def _data(path: str | None) -> Any:
     ):
         return list(zip(obj[0].split(16), obj[1].split(16)))
     raise UsageError("--data must be a .pt file holding a tensor or an (inputs, targets) pair")
+
+
+class _Refactory:
+    """Batches from a factory that returns a one-shot iterator: called again for each pass."""
+
+    def __init__(self, factory: Any, first: Any) -> None:
+        self._factory, self._first = factory, first
+
+    def __iter__(self) -> Any:
+        first, self._first = self._first, None
+        return iter(first if first is not None else self._factory())
+
+
+def _train_data(spec: str) -> Any:
+    """``--train-data package.module:factory``: the factory, called with no arguments, gives an
+    iterable of batches (``inputs`` or ``(inputs, targets)``), iterated once per epoch."""
+    form = "package.module:factory (a function called with no arguments that returns an "
+    form += "iterable of batches: inputs or (inputs, targets))"
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr or spec.endswith((".pt", ".pth")):
+        raise UsageError(f"--train-data must be {form}, got {spec!r}")
+    factory = _import(spec, "--train-data")
+    if not callable(factory):
+        raise UsageError(
+            f"--train-data {spec!r} is a {type(factory).__name__}, not a function; expected {form}"
+        )
+    try:
+        data = factory()
+    except TypeError as exc:
+        raise UsageError(
+            f"calling --train-data {spec!r} with no arguments failed ({exc}); expected {form}"
+        ) from exc
+    if isinstance(data, (torch.Tensor, str, bytes)) or not hasattr(data, "__iter__"):
+        raise UsageError(
+            f"--train-data {spec!r} returned a {type(data).__name__}; expected {form}"
+        )
+    if iter(data) is data:  # a generator: fetch a fresh one for every epoch
+        return _Refactory(factory, data)
+    return data
+
+
+def _positive(flag: str) -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{flag} takes a positive integer, got {text!r}")
+        return value
+
+    return parse
+
+
+def _check_finetune_flags(args: argparse.Namespace) -> None:
+    """Refuse inconsistent fine-tuning options before any work starts."""
+    if args.finetune is None:
+        for flag, value in (
+            ("--train-data", args.train_data),
+            ("--epochs", args.epochs),
+            ("--trial-epochs", args.trial_epochs),
+        ):
+            if value is not None:
+                raise UsageError(
+                    f"{flag} is an option of --finetune distill; add --finetune distill"
+                )
+        if args.plan_candidates > 1:
+            raise UsageError(
+                f"--plan-candidates {args.plan_candidates} chooses among plans by fine-tuning "
+                "each: add --finetune distill --train-data package.module:factory"
+            )
+        return
+    if args.train_data is None:
+        raise UsageError(
+            "--finetune distill needs --train-data package.module:factory (a function called "
+            "with no arguments that returns an iterable of training batches)"
+        )
+    if args.trial_epochs is not None and args.plan_candidates == 1:
+        raise UsageError(
+            "--trial-epochs sets the fine-tune that tells --plan-candidates apart; "
+            "add --plan-candidates K (K > 1)"
+        )
+
+
+def _finetuners(args: argparse.Namespace, teacher: nn.Module) -> tuple[Any, Any]:
+    """``(finetune, trial_finetune)`` for ``optimize``: :class:`fxcompress.Distill` callbacks
+    from ``--finetune distill`` and its options (``(None, None)`` without it)."""
+    if args.finetune is None:
+        return None, None
+    from fxcompress import Distill
+
+    data = _train_data(args.train_data)
+    progress = False if args.quiet else None
+    finetune = Distill(teacher, data, epochs=args.epochs or 4, progress=progress)
+    trial = None
+    if args.trial_epochs is not None:
+        trial = Distill(teacher, data, epochs=args.trial_epochs, progress=progress)
+    return finetune, trial
 
 
 def _methods(spec: str) -> tuple[str, ...]:
@@ -160,6 +266,7 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
 
     if args.plot is not None:
         _check_plot_path(args.plot)
+    _check_finetune_flags(args)
     model = _load_model(args.model, args.allow_pickle)
     x = torch.randn(*_shape(args.input_shape))
     data = _data(args.data)
@@ -167,16 +274,20 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         model, x = model.to(args.device), x.to(args.device)
         if isinstance(data, list):
             data = [_to(batch, args.device) for batch in data]
+    finetune, trial_finetune = _finetuners(args, model)
     result = fxcompress.optimize(
         model,
         args.budget,
         example_inputs=x,
         data=data,
+        finetune=finetune,
         latency=args.latency,
         device=args.device,
         cache_dir=args.cache_dir,
         methods=_methods(args.methods),
-        progress=False if args.quiet else None,  # None: bars only on a terminal
+        progress=False if args.quiet else None,  # None: a bar on a terminal, else log lines
+        plan_candidates=args.plan_candidates,
+        trial_finetune=trial_finetune,
     )
     report = result.meta["fxcompress"]
     print(report.to_markdown())
@@ -203,8 +314,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
         raise UsageError(f"{path} is not a JSON report: {exc}") from exc
     if not isinstance(d, dict) or "budget" not in d:
         raise UsageError(f"{path} is not a report written by fxcompress optimize --out")
-    fields = set(Report.__dataclass_fields__)
-    report = Report(**{k: v for k, v in d.items() if k in fields})
+    report = Report.from_dict(d)
     print(report.to_markdown())
     _plot(report, args.plot)
     return 0
@@ -213,7 +323,12 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_latency(args: argparse.Namespace) -> int:
     from fxcompress.latency import LatencyTable
 
-    table = LatencyTable(mode="measure", device=args.device, cache_dir=args.cache_dir)
+    table = LatencyTable(
+        mode="measure",
+        device=args.device,
+        cache_dir=args.cache_dir,
+        progress=False if args.quiet else None,
+    )
     if args.model:
         import fxcompress
         from fxcompress.planning import enumerate_options, option_latency
@@ -232,12 +347,32 @@ def _cmd_latency(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fxcompress", description=__doc__.splitlines()[0])
-    p.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
-    sub = p.add_subparsers(dest="command", required=True)
+def _common(default: Any) -> argparse.ArgumentParser:
+    """``-v`` and ``--quiet``, accepted before and after the subcommand (a subcommand's copy
+    has ``default=SUPPRESS``, so it does not undo the same flag given before it)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-v", "--verbose", action="store_true", default=default, help="log progress (INFO)"
+    )
+    common.add_argument(
+        "--quiet",
+        action="store_true",
+        default=default,
+        help="no progress: no bars on a terminal, no per-stage lines elsewhere",
+    )
+    return common
 
-    o = sub.add_parser("optimize", help="compress a model under a latency budget")
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fxcompress", description=__doc__.splitlines()[0], parents=[_common(False)]
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    flags = _common(argparse.SUPPRESS)
+
+    o = sub.add_parser(
+        "optimize", help="compress a model under a latency budget", parents=[flags]
+    )
     o.add_argument("model", help="torchvision:NAME | package.module:factory | file.pt2")
     o.add_argument("--budget", type=float, required=True, help="fraction of latency in (0, 1]")
     o.add_argument("--input-shape", required=True, help="e.g. 1,3,224,224")
@@ -258,15 +393,43 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--out", default=None, help="write the result as a .pt2 program")
     o.add_argument("--plot", default=None, help="also write the report's plots to this .png")
     o.add_argument("--allow-pickle", action="store_true", help="allow loading pickled .pt models")
-    o.add_argument("--quiet", action="store_true", help="no progress bars (default: on a terminal)")
+    o.add_argument(
+        "--finetune",
+        choices=["distill"],
+        default=None,
+        help="fine-tune the relaxed model before the final merge: distill = train it to match "
+        "the original's outputs (fxcompress.Distill); needs --train-data",
+    )
+    o.add_argument(
+        "--train-data",
+        default=None,
+        help="package.module:factory: a function called with no arguments that returns an "
+        "iterable of training batches (inputs or (inputs, targets)), iterated once per epoch",
+    )
+    o.add_argument(
+        "--epochs", type=_positive("--epochs"), default=None, help="fine-tuning epochs (default 4)"
+    )
+    o.add_argument(
+        "--plan-candidates",
+        type=_positive("--plan-candidates"),
+        default=1,
+        help="fine-tune the best plan and up to K-1 runners-up briefly and keep the one that "
+        "trains best (default 1: the planner's best plan); needs --finetune",
+    )
+    o.add_argument(
+        "--trial-epochs",
+        type=_positive("--trial-epochs"),
+        default=None,
+        help="epochs of each trial fine-tune with --plan-candidates (default: --epochs)",
+    )
     o.set_defaults(func=_cmd_optimize)
 
-    r = sub.add_parser("report", help="render a saved JSON report as Markdown")
+    r = sub.add_parser("report", help="render a saved JSON report as Markdown", parents=[flags])
     r.add_argument("report", help="a .report.json written by optimize --out")
     r.add_argument("--plot", default=None, help="also write the report's plots to this .png")
     r.set_defaults(func=_cmd_report)
 
-    lat = sub.add_parser("latency", help="build or inspect a latency table")
+    lat = sub.add_parser("latency", help="build or inspect a latency table", parents=[flags])
     lat.add_argument("model", nargs="?", help="measure every merge option of this model")
     lat.add_argument("--input-shape", default="1,3,224,224")
     lat.add_argument("--device", default="cpu")
@@ -283,11 +446,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s"
     )
+    # off a terminal, progress is one logged line per stage: shown unless --quiet
+    stages = logging.getLogger("fxcompress.progress")
+    previous = stages.level
+    if not args.quiet:
+        stages.setLevel(logging.INFO)
     try:
         return int(args.func(args))
     except (UsageError, FxCompressError) as exc:
         print(f"fxcompress: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        stages.setLevel(previous)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -360,3 +362,214 @@ def test_cli_pt_data_with_targets_and_device(tmp_path, monkeypatch, capsys) -> N
     report = json.loads(out.with_suffix(".report.json").read_text())
     assert report["predicted_ms"] <= 0.7 * report["original_ms"]
     assert "saved" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- issue 15
+
+
+TESTS = Path(__file__).resolve().parent
+
+
+@pytest.fixture
+def cli_data(monkeypatch):
+    """tests/_cli_data.py, importable as ``_cli_data:factory`` (as a user's module would be)."""
+    monkeypatch.syspath_prepend(str(TESTS))
+    import _cli_data
+
+    return _cli_data
+
+
+def _tiny_opt(*extra: str, budget: str = "0.6") -> list[str]:
+    return [
+        "optimize", "_cli_data:build", "--budget", budget, "--input-shape", "1,3,8,8",
+        "--latency", "flops", *extra,
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(("flag", "dest"), [("-v", "verbose"), ("--verbose", "verbose"),
+                                            ("--quiet", "quiet")])  # fmt: skip
+def test_cli_verbose_and_quiet_before_or_after_the_subcommand(flag, dest) -> None:
+    parser = cli.build_parser()
+    opt = _tiny_opt()
+    for argv in (
+        [flag, *opt],
+        [*opt, flag],
+        [flag, "report", "r.json"],
+        ["report", "r.json", flag],
+        ["latency", "--cache-dir", "c", flag],
+    ):
+        assert getattr(parser.parse_args(argv), dest) is True, argv
+    assert getattr(parser.parse_args(opt), dest) is False
+
+
+def test_cli_optimize_runs_with_flags_after_the_subcommand(cli_data, capsys) -> None:
+    assert cli.main(_tiny_opt("-v", "--quiet", budget="1.0")) == 0
+    assert "# fxcompress report" in capsys.readouterr().out
+
+
+def test_cli_finetune_distill_is_optimize_with_distill(tmp_path, cli_data, capsys) -> None:
+    out = tmp_path / "m.pt2"
+    argv = _tiny_opt("--quiet", "--finetune", "distill", "--train-data", "_cli_data:train_batches")
+    assert cli.main([*argv, "--epochs", "2", "--out", str(out)]) == 0
+    report = json.loads(out.with_suffix(".report.json").read_text())
+    assert report["stage_seconds"]["finetune"] > 0
+    # the reference: the Python API with fxcompress.Distill on the same model, input and data
+    model = cli_data.build()
+    x = torch.randn(1, 3, 8, 8)  # what the CLI drew right after build() seeded the RNG
+    kw = {"example_inputs": x, "latency": "flops", "progress": False}
+    batches = cli_data.train_batches()
+    ref = fxcompress.optimize(
+        model, 0.6, finetune=fxcompress.Distill(model, batches, epochs=2, progress=False), **kw
+    )
+    untrained = fxcompress.optimize(model, 0.6, **kw)
+    xb = torch.randn(8, 3, 8, 8)  # the program was saved from a batch of 1
+    got = load(out)(xb)
+    with torch.no_grad():
+        torch.testing.assert_close(got, ref(xb))
+        assert not torch.allclose(got, untrained(xb), atol=1e-3)  # the fine-tune did something
+
+
+def test_cli_plan_candidates_with_a_generator_of_batches(tmp_path, cli_data, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="fxcompress.distill")
+    out = tmp_path / "m.pt2"
+    argv = _tiny_opt("--quiet", "--finetune", "distill", "--train-data", "_cli_data:train_stream")
+    argv += ["--epochs", "2", "--plan-candidates", "2", "--trial-epochs", "1", "--out", str(out)]
+    assert cli.main(argv) == 0
+    report = json.loads(out.with_suffix(".report.json").read_text())
+    assert report["trials"], "plan_candidates=2 records its trials"
+    assert sum(t["chosen"] for t in report["trials"]) == 1
+    # the one-shot generator is fetched again for each epoch: 4 batches, 2 epochs
+    assert "distilled for 8 steps (2 epochs)" in caplog.text
+    assert "distilled for 4 steps (1 epochs)" in caplog.text  # the trial
+
+
+@pytest.mark.parametrize(
+    ("extra", "needles"),
+    [
+        (("--finetune", "distill", "--train-data", "nocolon"),
+         ("'nocolon'", "package.module:factory")),
+        (("--finetune", "distill", "--train-data", "_cli_data:missing"),
+         ("'_cli_data:missing'", "package.module:factory")),
+        (("--finetune", "distill", "--train-data", "no_such_module_15:f"),
+         ("'no_such_module_15:f'", "package.module:factory")),
+        (("--finetune", "distill", "--train-data", "_cli_data:not_a_function"),
+         ("'_cli_data:not_a_function'", "int", "package.module:factory")),
+        (("--finetune", "distill", "--train-data", "_cli_data:needs_an_argument"),
+         ("'_cli_data:needs_an_argument'", "no arguments")),
+        (("--finetune", "distill", "--train-data", "_cli_data:one_tensor"),
+         ("'_cli_data:one_tensor'", "returned a Tensor", "iterable of batches")),
+        (("--finetune", "distill", "--train-data", "train.pt"),
+         ("'train.pt'", "package.module:factory")),
+        (("--finetune", "distill"), ("--train-data package.module:factory",)),
+        (("--train-data", "_cli_data:train_batches"), ("--finetune distill",)),
+        (("--epochs", "3"), ("--epochs", "--finetune distill")),
+        (("--plan-candidates", "2"), ("--plan-candidates 2", "--finetune distill")),
+        (("--finetune", "distill", "--train-data", "_cli_data:train_batches", "--trial-epochs",
+          "1"), ("--trial-epochs", "--plan-candidates K")),
+    ],
+)  # fmt: skip
+def test_cli_finetune_errors_name_the_value_and_the_form(extra, needles, cli_data, capsys):
+    assert cli.main(_tiny_opt(*extra)) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("fxcompress: error: ")
+    for needle in needles:
+        assert needle in line, line
+
+
+@pytest.mark.parametrize("flag", ["--epochs", "--plan-candidates", "--trial-epochs"])
+def test_cli_counts_must_be_positive(flag, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(_tiny_opt(flag, "0"))
+    assert exc.value.code == 2
+    assert f"{flag} takes a positive integer, got '0'" in capsys.readouterr().err
+
+
+_STAGE = re.compile(r"(?P<desc>.+?): (?P<done>\d+)(/(?P<total>\d+))? done in [\d.]+ s")
+
+
+def _stage_lines(caplog) -> list[re.Match]:
+    lines = [r.getMessage() for r in caplog.records if r.name == "fxcompress.progress"]
+    matches = [_STAGE.fullmatch(line) for line in lines]
+    assert all(matches), lines
+    return matches
+
+
+def test_progress_off_a_terminal_is_a_logged_line_per_stage(capsys, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="fxcompress.progress")
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()
+    ).eval()
+    kw = {"example_inputs": torch.randn(1, 3, 12, 12), "data": [torch.randn(2, 3, 12, 12)]}
+    fxcompress.optimize(model, 0.7, latency="flops", **kw)  # progress=None; not a terminal here
+    assert "\r" not in capsys.readouterr().err
+    (scoring,) = [m for m in _stage_lines(caplog) if m["desc"] == "scoring"]
+    assert int(scoring["done"]) == int(scoring["total"]) > 0
+    caplog.clear()
+    fxcompress.optimize(model, 0.7, latency="flops", progress=False, **kw)
+    assert _stage_lines(caplog) == []
+
+
+def test_track_logs_one_line_off_a_terminal(capsys, caplog) -> None:
+    from fxcompress.progress import bar, track
+
+    caplog.set_level(logging.INFO, logger="fxcompress.progress")
+    assert list(track(iter(range(5)), desc="finetune")) == list(range(5))
+    assert list(track([1, 2, 3], desc="distill 1/2")) == [1, 2, 3]
+    with bar(total=4, desc="fusion (share)", enabled=None) as b:
+        for _ in range(4):
+            b.update()
+    got = [(m["desc"], m["done"], m["total"]) for m in _stage_lines(caplog)]
+    assert got == [("finetune", "5", None), ("distill 1/2", "3", "3"), ("fusion (share)", "4", "4")]
+    assert capsys.readouterr().err == ""
+
+
+def test_demo_logs_stages_instead_of_drawing_bars(cli_data, monkeypatch, capsys, caplog) -> None:
+    from fxcompress import demo
+
+    monkeypatch.setattr(
+        torchvision.models, "cli_tiny", lambda weights=None: cli_data.build(), raising=False
+    )
+    stages = logging.getLogger("fxcompress.progress")
+    previous = stages.level
+    stages.setLevel(logging.WARNING)  # as in a fresh process: the demo turns the lines on
+    argv = ["--model", "cli_tiny", "--size", "8", "--latency", "flops", "--budget", "0.6"]
+    try:
+        assert demo.main(argv) == 0
+    finally:
+        stages.setLevel(previous)
+    out, err = capsys.readouterr()
+    assert "## budget 0.6" in out
+    assert "\r" not in err  # no carriage-return bar updates in a log
+    assert "scoring" in {m["desc"] for m in _stage_lines(caplog)}
+
+
+def test_pyproject_license_is_an_spdx_expression(tmp_path) -> None:
+    tomllib = pytest.importorskip("tomllib")
+    root = TESTS.parent
+    meta = tomllib.loads((root / "pyproject.toml").read_text())
+    assert meta["project"]["license"] == "Apache-2.0"  # PEP 639; the table form is deprecated
+    (setuptools_req,) = [r for r in meta["build-system"]["requires"] if r.startswith("setuptools")]
+    assert setuptools_req == "setuptools>=77"  # the first setuptools that reads SPDX strings
+    # the installed setuptools builds the metadata from it without a deprecation warning
+    (tmp_path / "src" / "fxcompress").mkdir(parents=True)
+    (tmp_path / "src" / "fxcompress" / "__init__.py").write_text("")
+    (tmp_path / "src" / "fxcompress" / "py.typed").write_text("")
+    for name in ("pyproject.toml", "README.md"):
+        (tmp_path / "src" / name).write_text((root / name).read_text())
+    script = (
+        "import pathlib, warnings\n"
+        "from setuptools import build_meta\n"
+        "from setuptools.warnings import SetuptoolsDeprecationWarning\n"
+        "warnings.simplefilter('error', SetuptoolsDeprecationWarning)\n"
+        "d = build_meta.prepare_metadata_for_build_wheel('..')\n"
+        "print(pathlib.Path('..', d, 'METADATA').read_text())\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path / "src",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "License-Expression: Apache-2.0" in proc.stdout.splitlines()
