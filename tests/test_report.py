@@ -64,7 +64,7 @@ def test_optimize_with_a_speedup_budget_renders_no_nan() -> None:
     out = fxcompress.optimize(model, Budget(speedup=1.25), example_inputs=x, latency="flops")
     line = _budget_line(out.meta["fxcompress"])
     assert "nan" not in line
-    assert "≤ 80 % of the original latency" in line
+    assert line.startswith("- budget: 1.25× speed-up (≤ 80 % of the original latency);"), line
 
 
 REPLANS = [
