@@ -45,7 +45,6 @@ import math
 import operator
 import os
 import platform
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -56,9 +55,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from fxcompress.errors import InvalidArgument
+from fxcompress.progress import bar as progress_bar
 from fxcompress.timing import QUANTILE, quantile
 
 __all__ = [
@@ -703,7 +702,8 @@ class LatencyTable:
         Untimed calls before timing (at most: a slow op stops warming up after about 0.3 s).
         At least 0.
     progress : bool, optional
-        Show a tqdm bar in :meth:`many`; default: only when stderr is a terminal.
+        Show progress in :meth:`many`: a bar on a terminal, a logged line elsewhere (see
+        :mod:`fxcompress.progress`); ``False`` turns it off.
 
     Raises
     ------
@@ -868,7 +868,7 @@ class LatencyTable:
     def many(self, ops: Iterable[OpSpec]) -> list[float]:
         """Latencies of ``ops``, in order, measuring each missing distinct op once.
 
-        Missing ops are computed in order of first appearance, under a tqdm progress bar, and the
+        Missing ops are computed in order of first appearance, under a progress bar, and the
         cache is saved every few new values (and on the way out, also after an interruption), so
         an interrupted build resumes where it stopped.
 
@@ -890,14 +890,9 @@ class LatencyTable:
         return [self._entries[k] for k in keys]
 
     def _compute_many(self, todo: Mapping[str, OpSpec]) -> None:
-        show = self._progress
-        if show is None:
-            show = sys.stderr is not None and sys.stderr.isatty()
         unsaved = 0
         try:
-            with tqdm(
-                total=len(todo), disable=not show, desc="latency", unit="op", leave=False
-            ) as bar:
+            with progress_bar(total=len(todo), desc="latency", enabled=self._progress) as bar:
                 for key, op in todo.items():
                     self._entries[key] = self._compute(op)
                     unsaved += 1
