@@ -848,7 +848,8 @@ def add_parallel(a: ConvParams, b: ConvParams, *more: ConvParams) -> ConvParams:
     ``groups`` is the largest block-diagonal structure containing every operand's channel
     connectivity. The sum is taken in float64 over all operands at once (a structural
     re-parameterisation such as RepVGG's ``conv3x3 + conv1x1 + BN`` is one call), then cast to
-    the dtype of ``a``.
+    the dtype of ``a``. On the ``meta`` device only the geometry is computed (to price a
+    candidate without summing weights).
 
     Raises
     ------
@@ -924,6 +925,17 @@ def add_parallel(a: ConvParams, b: ConvParams, *more: ConvParams) -> ConvParams:
     cin_r = a.in_channels // groups
 
     dtype, device = a.weight.dtype, a.weight.device
+    if device.type == "meta":  # geometry only (e.g. to price candidates): nothing to sum
+        return ConvParams(
+            torch.empty((a.out_channels, cin_r, *kernel), dtype=dtype, device=device),
+            None
+            if all(p.bias is None for p in operands)
+            else torch.empty(a.out_channels, dtype=dtype, device=device),
+            a.stride,
+            tuple(padding),
+            tuple(dilation),
+            groups,
+        )
     out = torch.zeros((a.out_channels, cin_r, *kernel), dtype=torch.float64, device=device)
     for p, place in zip(operands, places):
         lo_p, _ = _intervals(p)

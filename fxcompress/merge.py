@@ -693,7 +693,8 @@ def _best_fold(
             continue
         # convs first: the sum takes the dtype of its first operand
         group.sort(key=lambda v: (not v.is_layer, v.term))
-        alone = [price(v.conv.to(device="meta"), in_shape, out_shape) for v in group]
+        metas = [v.conv.to(device="meta") for v in group]  # geometry only, to price
+        alone = [price(m, in_shape, out_shape) for m in metas]
         sizes = range(len(group), 1, -1) if len(group) <= MAX_SUBSET_SEARCH else [len(group)]
         for size in sizes:
             for picked in itertools.combinations(range(len(group)), size):
@@ -701,7 +702,7 @@ def _best_fold(
                 if all(v.branch is None for v in subset):
                     continue  # x + x: nothing to fold
                 try:
-                    merged = add_parallel(*(v.conv.to(device="meta") for v in subset))
+                    merged = add_parallel(*(metas[i] for i in picked))
                 except ValueError:
                     continue  # strides or output sizes differ
                 forced = not only_if_cheaper or any(

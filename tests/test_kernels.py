@@ -756,6 +756,13 @@ def test_add_parallel_many_operands(data, ndim, n_ops, dtype):
     assert result.groups == largest_block_groups((conn > 0).double())
     assert result.weight.dtype == dtype
     assert rel_err(ref_layer(x, result), sum(ref_layer(x, op) for op in ops)) <= TOL[dtype]
+    # on the meta device: the same geometry, no weights summed (candidates are priced so)
+    meta = add_parallel(*(p.to(device="meta") for p in params))
+    assert meta.weight.is_meta
+    assert meta.weight.shape == result.weight.shape
+    assert (meta.bias is None) == (result.bias is None)
+    geometry = ("stride", "padding", "dilation", "groups")
+    assert [getattr(meta, g) for g in geometry] == [getattr(result, g) for g in geometry]
 
 
 def test_add_parallel_repvgg_block():
