@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import fx
 
+from ._graph import clone_tensors
 from .importance import split_batch
 
 __all__ = ["linear_cka", "record", "weight_cosine"]
@@ -102,7 +103,7 @@ def record(
                 if i >= batches or seen >= max_examples:
                     break
                 inputs, _ = split_batch(batch)
-                _Recorder(gm, wanted, store).run(*inputs)
+                _Recorder(gm, wanted, store).run(*clone_tensors(inputs))
                 first = store[next(iter(store))][-1] if store else None
                 seen += 0 if first is None else first.shape[0]
     finally:

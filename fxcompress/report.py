@@ -10,6 +10,8 @@ from typing import Any
 
 from torch import fx, nn
 
+from .capture import Hooked
+
 __all__ = ["Report", "count_macs", "count_params"]
 
 #: the ways a budget can be stated (the fields of :class:`fxcompress.Budget`)
@@ -434,13 +436,15 @@ def count_macs(gm: fx.GraphModule) -> int:
         if node.op != "call_module":
             continue
         mod = gm.get_submodule(str(node.target))
+        if isinstance(mod, Hooked):  # a hooked layer still computes: count the layer inside
+            mod = mod.module
         meta = node.meta.get("tensor_meta")
         shape = getattr(meta, "shape", None)
         if shape is None:
             continue
         if isinstance(mod, nn.modules.conv._ConvNd):
             per = mod.weight.shape[1] * math.prod(mod.kernel_size)
-            total += shape[0] * shape[1] * math.prod(shape[2:]) * per
+            total += math.prod(shape) * per  # batched (N, C, *spatial) or unbatched (C, *spatial)
         elif isinstance(mod, nn.Linear):
             total += math.prod(shape[:-1]) * mod.in_features * mod.out_features
     return int(total)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .._graph import compare_outputs
+from .._graph import clone_tensors, compare_outputs
 from ..capture import capture, normalize_inputs, propagate_shapes
 from ..errors import InfeasibleBudget, InvalidArgument, RewriteError
 from ..latency import LatencyTable, OpSpec
@@ -499,7 +499,9 @@ def _check_against_reference(
 ) -> None:
     reference = factorised_reference(gm, decisions)
     with torch.no_grad():
-        _, problem = compare_outputs(result(*inputs), reference(*inputs))
+        _, problem = compare_outputs(
+            result(*clone_tensors(inputs)), reference(*clone_tensors(inputs))
+        )
     if problem is not None:
         raise RewriteError(
             f"the decomposed model differs from its factorised reference ({problem}); "
