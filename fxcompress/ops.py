@@ -396,7 +396,8 @@ def batchnorm_call(gm: fx.GraphModule, node: fx.Node) -> BatchNormCall | None:
         )
     if node.op != "call_function" or node.target is not F.batch_norm:
         return None
-    names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum")
+    names = ("input", "running_mean", "running_var", "weight", "bias")
+    names += ("training", "momentum", "eps")
     args = dict(zip(names, node.args))
     args.update(node.kwargs)
     if args.get("training", False) is not False:

@@ -696,6 +696,43 @@ def test_bn_after_a_batched_conv1d_still_folds():
     assert count(out, BNS) == 0
 
 
+@pytest.mark.parametrize("after", [True, False])
+def test_functional_batch_norm_folds_on_batched_maps(after):
+    """``F.batch_norm(..., training=False)`` on attributes (timm's BatchNormAct2d traces to
+    it) folds into the conv before it, or into the unpadded conv after it."""
+    torch.manual_seed(0)
+    if after:
+        model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), FunctionalBN(4))
+    else:
+        model = nn.Sequential(nn.ReLU(), FunctionalBN(3), nn.Conv2d(3, 4, 3))
+    model = model.double().eval()
+    out = assert_merged_exact(model, torch.randn(2, 3, 6, 5, dtype=torch.float64))
+    assert not any(n.target is F.batch_norm for n in out.graph.nodes)
+    kinds = [e["kind"] for e in out.meta["fxcompress.events"]]
+    assert kinds == ["fold_bn" if after else "fold_bn_before"]
+
+
+def test_functional_batch_norm_with_positional_arguments_folds():
+    """A hand-built graph may pass eps positionally (torch.fx records keywords); it counts."""
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    root = nn.Module()
+    root.conv = nn.Conv2d(3, 4, 1)
+    root.bn = FunctionalBN(4)
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    y = graph.call_module("conv", (x,))
+    stats = [graph.get_attr(f"bn.{name}") for name in ("running_mean", "running_var")]
+    affine = [graph.get_attr(f"bn.{name}") for name in ("weight", "bias")]
+    graph.output(graph.call_function(F.batch_norm, (y, *stats, *affine, False, 0.1, 1e-3)))
+    gm = torch.fx.GraphModule(root, graph).double().eval()
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    ShapeProp(gm).propagate(x)
+    out = merge(gm)
+    assert [e["kind"] for e in out.meta["fxcompress.events"]] == ["fold_bn"]
+    assert_equivalent(out, gm, x)
+
+
 def test_optimize_on_an_unbatched_conv_bn_is_exact():
     """Issue 15 item 1: optimize raised a "bug" RewriteError (and with check=False returned a
     wrong model)."""
