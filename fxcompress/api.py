@@ -40,6 +40,7 @@ from .importance import (
 )
 from .latency import LatencyTable, OpSpec
 from .merge import SEGMENT, merge
+from .partition import latency_cost
 from .planning import (
     DROP,
     baseline_latency,
@@ -1026,6 +1027,11 @@ def _paired_latency(
     return t.a_ms, t.b_ms
 
 
+def _merged(relaxed: fx.GraphModule, table: LatencyTable) -> fx.GraphModule:
+    """``merge(relaxed)`` with each linear run split as the latency table prices it."""
+    return merge(relaxed, cost=latency_cost(table))
+
+
 def _finetuned(
     model: nn.Module,
     plan: Plan,
@@ -1034,11 +1040,12 @@ def _finetuned(
     check: bool,
     report: Report,
     timings: dict[str, float],
+    table: LatencyTable,
 ) -> tuple[fx.GraphModule, fx.GraphModule]:
     """``plan`` relaxed afresh, fine-tuned by the caller's callback, and merged."""
     t0 = time.perf_counter()
     relaxed = _run_finetune(finetune, relax(model, plan, inputs), inputs, plan, "finetune")
-    result = merge(relaxed)
+    result = _merged(relaxed, table)
     timings["finetune"] = time.perf_counter() - t0
     if check:
         report.max_rel_error = _check(relaxed, result, inputs, "merge of the fine-tuned model")
@@ -1165,7 +1172,7 @@ def _optimize_below_one(
         relaxed = relax(model, plan, inputs)
         timings["relax"] = timings.get("relax", 0.0) + time.perf_counter() - t0
         t0 = time.perf_counter()
-        result = merge(relaxed)
+        result = _merged(relaxed, table)
         timings["merge"] = timings.get("merge", 0.0) + time.perf_counter() - t0
         if check:
             report.max_rel_error = _check(relaxed, result, inputs, "merge of the relaxed model")
@@ -1226,6 +1233,7 @@ def _optimize_below_one(
                 "measured_ratio": ratio,
                 "goal_ratio": goal_ratio,
                 "new_budget_ms": new_plan.budget_ms,
+                "new_predicted_ms": new_plan.predicted_ms,
                 "direction": "looser" if looser else "tighter",
                 # how the budget was chosen ("secant", "bisect" or "step"), and how many probed
                 # budgets before it gave a plan already measured
@@ -1245,7 +1253,9 @@ def _optimize_below_one(
         plan, relaxed, result, ratio = min(tried, key=lambda t: t[3] or 0.0)
         if finetune is not None:
             # the exception carries the fastest model: hand it over as finished as a success
-            relaxed, result = _finetuned(model, plan, inputs, finetune, check, report, timings)
+            relaxed, result = _finetuned(
+                model, plan, inputs, finetune, check, report, timings, table
+            )
         report.predicted_ms, report.damage = plan.predicted_ms, plan.damage
         report.original_ms = plan.original_ms
         report.final_ms = None if ratio is None else ratio * plan.original_ms
@@ -1286,11 +1296,13 @@ def _optimize_below_one(
         report.final_ms = ratio * plan.original_ms
     if trained is not None and (finetune is None or finetune is trial):
         # the kept plan's trial fine-tune is the fine-tune (or the only training asked for)
-        relaxed, result = trained, merge(trained)
+        relaxed, result = trained, _merged(trained, table)
         if check:
             report.max_rel_error = _check(relaxed, result, inputs, "merge of the trained model")
     elif finetune is not None:
-        relaxed, result = _finetuned(model, plan, inputs, finetune, check, report, timings)
+        relaxed, result = _finetuned(
+            model, plan, inputs, finetune, check, report, timings, table
+        )
     elif plan.damage > 0:
         logger.warning(
             "budget %.3g changes the model's function (planned damage %.3g: activations "
@@ -1354,7 +1366,7 @@ def _choose_by_trial(
         seen.add(digest)
         measured_ratio = None
         if table.mode == "measure":
-            merged = merge(other_relaxed)
+            merged = _merged(other_relaxed, table)
             original_ms, measured = _paired_latency(table, original_gm, merged, inputs)
             measured_ratio = measured / original_ms
         plans.append(other)
