@@ -1142,7 +1142,8 @@ def _optimize_below_one(
     keep: list[_Prepared] = []
     plan = make_plan(model, b, inputs, latency=table, _timings=timings, _keep=keep, **kw_plan)
     goal = plan.budget_ms
-    goal_ratio = goal / plan.original_ms
+    # a model with no priced work (e.g. only reshapes under latency="flops") meets any budget
+    goal_ratio = goal / plan.original_ms if plan.original_ms > 0 else 1.0
     report.budget = _report_budget(b, plan.original_ms)
     # the accepted band of measured ratios; a re-plan aims inside it, nearer its top (least damage)
     low_ratio, high_ratio, aim = 0.85 * goal_ratio, 1.05 * goal_ratio, 0.96 * goal_ratio

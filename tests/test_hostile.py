@@ -168,3 +168,11 @@ def test_saved_plan_weights_with_a_code_payload_are_refused(tmp_path):
     with pytest.raises(pickle.UnpicklingError):
         fxcompress.load_plan(model, tmp_path)
     assert not hasattr(builtins, "FXCOMPRESS_PWNED")
+
+
+def test_a_model_with_no_priced_work_meets_any_flops_budget():
+    # found by the fuzzer: original_ms == 0 under latency="flops" divided by zero
+    model = nn.Sequential(nn.Identity()).eval()
+    x = torch.randn(2, 3)
+    out = fxcompress.optimize(model, 0.5, example_inputs=x, latency="flops")
+    assert_equivalent(out, model, x)
