@@ -13,7 +13,15 @@ from torch import fx, nn
 from .errors import RewriteError
 from .ops import mutated_input
 
-__all__ = ["clone", "eliminate_dead_code", "finalize", "install", "shape_of", "topo_index"]
+__all__ = [
+    "clone",
+    "eliminate_dead_code",
+    "finalize",
+    "install",
+    "run_anchor",
+    "shape_of",
+    "topo_index",
+]
 
 
 def clone(gm: fx.GraphModule) -> fx.GraphModule:
@@ -121,6 +129,45 @@ def dtype_of(node: Any) -> torch.dtype | None:
 def topo_index(gm: fx.GraphModule) -> dict[fx.Node, int]:
     """Position of every node in the graph's (topological) order."""
     return {n: i for i, n in enumerate(gm.graph.nodes)}
+
+
+def run_anchor(run: Iterable[fx.Node]) -> fx.Node:
+    """The node before which one node replacing the layer run ``run`` is inserted: its first.
+
+    The emission rule of every rewrite that composes a run of layers into one (merge's chains,
+    LayerCollapse's runs): the new node reads the run's input, and the run's first layer read it
+    at its own place, so the new node goes exactly there. Anywhere later, an op between the
+    layers may already have written that input in place (``h = fc1(x); x.mul_(2);
+    y = fc2(act(h))``: a node at ``fc2`` would read the doubled ``x``). The intermediate maps
+    are read only inside the run, so nothing between the layers needs the new node's output.
+
+    Parameters
+    ----------
+    run : iterable of torch.fx.Node
+        The nodes being replaced, all of one graph, in any order.
+
+    Returns
+    -------
+    torch.fx.Node
+        The earliest of them in graph order.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import fx, nn
+    >>> gm = fx.symbolic_trace(nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 2)))
+    >>> layers = [n for n in gm.graph.nodes if n.op == "call_module" and n.target != "1"]
+    >>> run_anchor(reversed(layers)).target
+    '0'
+    """
+    members = set(run)
+    if not members:
+        raise ValueError("run_anchor needs at least one node")
+    graph = next(iter(members)).graph
+    for node in graph.nodes:
+        if node in members:
+            return node
+    raise ValueError(f"the nodes {sorted(n.name for n in members)} are not in their graph")
 
 
 def numel(shape: Iterable[int]) -> int:

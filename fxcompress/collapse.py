@@ -51,6 +51,7 @@ from ._graph import (
     default_rtol,
     finalize,
     install,
+    run_anchor,
     shape_of,
 )
 from .canonicalize import canonicalize
@@ -673,7 +674,8 @@ def _collapse_chain(gm: fx.GraphModule, chain: _Chain) -> list[SiteDecision]:
             module = compose_run(layers[i : j + 1]).to_module()
             base = str(node.target) if node.op == "call_module" else node.name
             target = install(gm, base + ("_collapsed" if j > i else "_folded"), module)
-            with gm.graph.inserting_before(last):
+            # where the run's first layer was: it reads the input at the same moment
+            with gm.graph.inserting_before(run_anchor(chain.layers[i : j + 1])):
                 new = gm.graph.call_module(target, (source,))
             new.meta = dict(chain.layers[j].meta)
         source = new

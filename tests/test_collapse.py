@@ -489,3 +489,36 @@ def test_training_with_the_penalty_collapses_a_head_that_can_be_linear() -> None
         assert report.output_error == pytest.approx(
             ((out(x) - prepared.eval()(x)).abs().max() / prepared(x).abs().max()).item(), rel=1e-4
         )
+
+
+class _WritesItsInputBetweenTheLayers(nn.Module):
+    """``fc1`` reads ``x``; ``x`` is then written in place before ``fc2`` runs (issue 15 item 4)."""
+
+    def __init__(self, spelling: str) -> None:
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(6, 32), nn.GELU(), nn.Linear(32, 6)
+        self.spelling = spelling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x * 1.0  # a tensor of the model's own: the write below must not reach the caller
+        h = self.fc1(x)
+        if self.spelling == "mul_":
+            x.mul_(2)
+        else:  # an in-place activation on the shortcut
+            torch.relu_(x)
+        return self.fc2(self.act(h)) + x
+
+
+@pytest.mark.parametrize("spelling", ["mul_", "relu_"])
+def test_collapsed_run_reads_its_input_before_an_in_place_write(spelling: str) -> None:
+    model = _WritesItsInputBetweenTheLayers(spelling).double().eval()
+    x = torch.randn(5, 6, dtype=torch.float64)
+    prepared = collapse.prepare(model, x)
+    assert list(collapse.slopes(prepared)) == ["fc1_act"]
+    set_slopes(prepared, {"fc1_act": 1.0})
+    for check in (True, False):  # the emission itself is right, not only caught by the check
+        out = collapse.apply(prepared, tol=0.0, check=check)
+        assert [d.action for d in out.meta["fxcompress.collapse"].sites] == ["merged"]
+        ref = copy.deepcopy(model)
+        ref.act = nn.Identity()
+        assert_equivalent(out, ref, x, rtol=1e-9)
