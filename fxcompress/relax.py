@@ -51,7 +51,7 @@ def apply_segments(
     needs them.
     """
     gm = shallow_clone(gm)  # modules are shared with ``gm``; changed ones are copied first
-    nodes = {n.name: n for n in gm.graph.nodes}
+    nodes = _Nodes(gm.graph)
     for chain_name, index in drops:
         item = analysis.chain(chain_name).items[index]
         if not isinstance(item, Residual):
@@ -85,6 +85,36 @@ def apply_choices(
     return apply_segments(gm, analysis, segments, drops=drops, record_shapes=record_shapes)
 
 
+class _Nodes:
+    """Look nodes up by their captured name, following every replacement made since.
+
+    Relaxing erases nodes (a dropped activation, a pruned conv and its BatchNorm) and wires their
+    users to what replaced them. An analysis name may stand for a node erased in a later step
+    (an activation mapped to its BatchNorm, which a pruning then erases; the activation being a
+    residual's fork), so a look-up follows the chain of replacements to the node standing for it
+    now, never to an erased one.
+    """
+
+    def __init__(self, graph: fx.Graph) -> None:
+        self._by_name = {n.name: n for n in graph.nodes}
+        self._moved: dict[fx.Node, fx.Node] = {}
+
+    def __getitem__(self, name: str) -> fx.Node:
+        node = self._by_name[name]
+        while node in self._moved:
+            node = self._moved[node]
+        return node
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._by_name
+
+    def replace(self, node: fx.Node, by: fx.Node) -> None:
+        """Wire the users of ``node`` to ``by`` and erase ``node``."""
+        node.replace_all_uses_with(by)
+        self._moved[node] = by
+        node.graph.erase_node(node)
+
+
 def _reshape(gm: fx.GraphModule) -> None:
     """Re-record shapes (the relaxed intermediate maps are larger) from the placeholders' specs."""
     inputs = []
@@ -100,7 +130,7 @@ def _reshape(gm: fx.GraphModule) -> None:
 
 def _relax_segment(
     gm: fx.GraphModule,
-    nodes: dict[str, fx.Node],
+    nodes: _Nodes,
     items: tuple[Item, ...],
     pruned: frozenset[str],
     tag: str,
@@ -123,39 +153,30 @@ def _path(item: Item) -> tuple[Unit, ...]:
     return (item,) if isinstance(item, Unit) else item.branch_units
 
 
-def _drop(nodes: dict[str, fx.Node], name: str | None) -> None:
+def _drop(nodes: _Nodes, name: str | None) -> None:
     if name is None:
         return
     node = nodes[name]
-    node.replace_all_uses_with(node.args[0])
-    nodes[name] = node.args[0]  # later look-ups of the dropped node find what replaced it
-    node.graph.erase_node(node)
+    nodes.replace(node, node.args[0])
 
 
-def _drop_branch(nodes: dict[str, fx.Node], res: Residual) -> None:
+def _drop_branch(nodes: _Nodes, res: Residual) -> None:
     """``act(branch(x) + shortcut(x))`` becomes ``act(shortcut(x))``; the branch is dead code."""
-    add = nodes[res.add]
     shortcut = nodes[res.fork] if res.shortcut is None else nodes[res.shortcut.output]
-    add.replace_all_uses_with(shortcut)
-    nodes[res.add] = shortcut
-    add.graph.erase_node(add)
+    nodes.replace(nodes[res.add], shortcut)
 
 
-def _prune(nodes: dict[str, fx.Node], unit: Unit) -> None:
+def _prune(nodes: _Nodes, unit: Unit) -> None:
     conv = nodes[unit.layer]
-    end = nodes[unit.bn] if unit.bn is not None else conv
-    end.replace_all_uses_with(conv.args[0])
-    for name in (unit.layer, unit.bn):
-        if name is not None:
-            nodes[name] = conv.args[0]
-    if end is not conv:
-        end.graph.erase_node(end)
-    conv.graph.erase_node(conv)
+    source = conv.args[0]
+    if unit.bn is not None:
+        nodes.replace(nodes[unit.bn], source)
+    nodes.replace(conv, source)
 
 
 def _relocate(
     gm: fx.GraphModule,
-    nodes: dict[str, fx.Node],
+    nodes: _Nodes,
     items: tuple[Item, ...],
     pruned: frozenset[str],
     tag: str,
@@ -230,7 +251,7 @@ def _back(
     return e_in
 
 
-def _tag(nodes: dict[str, fx.Node], names: Iterable[str | None], tag: str) -> None:
+def _tag(nodes: _Nodes, names: Iterable[str | None], tag: str) -> None:
     for name in names:
         if name is not None and name in nodes:
             nodes[name].meta[SEGMENT] = tag
