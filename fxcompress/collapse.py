@@ -737,6 +737,8 @@ def _output_error(prepared: fx.GraphModule, result: fx.GraphModule, data: Iterab
     with torch.no_grad():
         for batch in data:
             inputs = _first_input(batch)
-            err, _ = compare_outputs(result(*inputs), ref(*inputs), rtol=math.inf)
+            err, _ = compare_outputs(
+                result(*clone_tensors(inputs)), ref(*clone_tensors(inputs)), rtol=math.inf
+            )
             worst = max(worst, err)
     return worst

@@ -46,7 +46,16 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from ._graph import clone, eliminate_dead_code, finalize, install, is_unused, shape_of, topo_index
+from ._graph import (
+    clone,
+    eliminate_dead_code,
+    finalize,
+    install,
+    is_unused,
+    run_anchor,
+    shape_of,
+    topo_index,
+)
 from .canonicalize import canonicalize
 from .errors import InvalidArgument
 from .kernels import (
@@ -813,7 +822,8 @@ def _emit(
     ``start`` is either the first replaced layer node (chains, BN folds) or the common input of
     the branches (skip folds, with the replaced branch nodes given in ``replaced``).
 
-    A chain's new node goes where its first layer was, so it reads the input at the same moment
+    A chain's new node goes where its first layer was (:func:`~fxcompress._graph.run_anchor`,
+    the rule collapse follows too), so it reads the input at the same moment
     (an in-place op between the two layers may write that input). A skip fold's new node goes
     where the add was; the caller checks that nothing writes the input in between.
     The module at ``preferred`` is overwritten only if nothing else calls or reads it.
@@ -821,7 +831,7 @@ def _emit(
     if replaced is None:
         nodes = [start, end]
         source = start.args[0]
-        anchor = start
+        anchor = run_anchor(nodes)  # the emission rule shared with collapse
     else:
         nodes = list(dict.fromkeys([*replaced, end]))  # add(y, y) lists y twice
         source = start
