@@ -85,6 +85,22 @@ sys.exit(1 if result.failed or not result.attempted else 0)
 """
 
 
+def test_hypothesis_profiles_as_documented() -> None:
+    """docs/testing.md's example counts are those of the profiles tests/conftest.py registers."""
+    from hypothesis import settings
+
+    text = (DOCS / "testing.md").read_text()
+    line = re.search(r"Hypothesis profiles .*?(?=\n- )", text, re.DOTALL).group(0)
+    documented = {
+        name: int(count)
+        for name, count in re.findall(r"`(\w+)` \((?:default: derandomised, )?(\d+)", line)
+    }
+    assert set(documented) == {"ci", "dev", "long"}
+    for name, count in documented.items():
+        assert settings.get_profile(name).max_examples == count, name
+    assert settings.get_profile("ci").derandomize
+
+
 @pytest.mark.parametrize("page", RUN_OUTSIDE, ids=lambda p: p.name)
 def test_example_runs_outside_the_repo(page: Path, tmp_path: Path) -> None:
     blocks = re.findall(r"^```python\n(.*?)^```", page.read_text(), re.MULTILINE | re.DOTALL)
