@@ -15,6 +15,14 @@ Every strategy draws a pair ``(model, example_input)``: the model (eval mode, in
 input tensor large enough for it. Weights are initialised from a seed that hypothesis draws, so
 failures shrink and replay deterministically, and the global torch RNG is left untouched.
 
+Hostile models are opt-in: ``hooks=True`` registers deterministic forward hooks (:class:`Hook`) on
+convolutions, activations, ``nn.Identity`` / ``nn.Dropout`` and other modules, ``inplace=True``
+lets the model write its input and intermediate values in place (values that are read again
+later), and ``unbatched=True`` lets the input lack the batch axis (a ``(C, L)`` or ``(C, H, W)``
+tensor; a BatchNorm then normalises the first spatial axis, which torch reads as channels).
+:func:`graphs` also draws, by default, residual forks at prunable units, BatchNorms that follow
+no convolution and sums of three or more branches (RepVGG-like blocks).
+
 The strategies need `hypothesis <https://hypothesis.works>`_ (``pip install hypothesis``); it is
 imported only when a strategy is called, so :func:`assert_equivalent` works without it.
 ``import fxcompress`` never imports this module.
@@ -190,6 +198,8 @@ _EPS = (1e-5, 1e-3, 0.1)
 class _BNSpec:
     eps: float
     affine: bool
+    features: int | None = None  # default: the conv's output channels
+    dims: int | None = None  # BatchNorm{dims}d; default: the conv's
 
 
 def _randomise_bn(bn: nn.modules.batchnorm._BatchNorm) -> None:
@@ -226,6 +236,136 @@ def _check_dtype(dtype: Any) -> torch.dtype:
 
 
 # --------------------------------------------------------------------------------------------
+# Hostile pieces: hooks and in-place writes
+# --------------------------------------------------------------------------------------------
+
+#: Kinds of :class:`Hook`.
+HOOK_KINDS = ("output", "output_inplace", "observe", "input")
+
+
+@dataclass(frozen=True)
+class Hook:
+    """A deterministic hook that the strategies register on a module of a hostile model.
+
+    ``kind`` is one of
+
+    - ``"output"``: a forward hook that returns ``output * scale + shift`` (replaces the output);
+    - ``"output_inplace"``: a forward hook that multiplies the output by ``scale`` in place and
+      returns None;
+    - ``"observe"``: a forward hook that returns None and writes nothing (the function is
+      unchanged, but the module has a hook);
+    - ``"input"``: a forward pre-hook that replaces the first input by ``input * scale + shift``.
+
+    Hooks are plain frozen dataclasses, so models carrying them can be deep-copied and pickled.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> relu = nn.ReLU()
+    >>> _ = Hook("output", 2.0, 1.0).register(relu)
+    >>> relu(torch.tensor([-1.0, 3.0]))
+    tensor([1., 7.])
+    >>> Hook("input", -1.0).describe()
+    'pre-hook: input * -1.0'
+    """
+
+    kind: str
+    scale: float = 1.0
+    shift: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in HOOK_KINDS:
+            raise ValueError(f"Hook kind must be one of {HOOK_KINDS}, got kind={self.kind!r}")
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], *output: Any) -> Any:
+        if self.kind == "input":
+            return (args[0] * self.scale + self.shift, *args[1:])
+        (out,) = output
+        if self.kind == "output":
+            return out * self.scale + self.shift
+        if self.kind == "output_inplace":
+            out.mul_(self.scale)
+        return None
+
+    def register(self, module: nn.Module) -> Any:
+        """Register on ``module`` (a pre-hook for ``"input"``); returns the removable handle."""
+        if self.kind == "input":
+            return module.register_forward_pre_hook(self)
+        return module.register_forward_hook(self)
+
+    def describe(self) -> str:
+        """One line for :meth:`GeneratedModel.program`."""
+        if self.kind == "input":
+            return f"pre-hook: input * {self.scale}" + (f" + {self.shift}" if self.shift else "")
+        if self.kind == "output":
+            return f"hook: output * {self.scale}" + (f" + {self.shift}" if self.shift else "")
+        if self.kind == "output_inplace":
+            return f"hook: output.mul_({self.scale})"
+        return "hook: observe"
+
+
+#: In-place tensor methods the strategies call (method name, argument or None).
+INPLACE_OPS: tuple[tuple[str, float | None], ...] = (
+    ("mul_", 2.0),
+    ("mul_", -0.5),
+    ("add_", 1.0),
+    ("relu_", None),
+)
+
+
+class InplaceOp(nn.Module):
+    """``x.<method>_(value)``: writes its input in place and returns it (a hostile layer).
+
+    Placed first in a :func:`conv_chains` / :func:`linear_chains` model it writes the caller's
+    input tensor.
+
+    Examples
+    --------
+    >>> import torch
+    >>> x = torch.ones(2)
+    >>> InplaceOp("mul_", 3.0)(x) is x, x
+    (True, tensor([3., 3.]))
+    """
+
+    def __init__(self, method: str, value: float | None = None) -> None:
+        super().__init__()
+        takes_value = {"mul_": True, "add_": True, "relu_": False}
+        if method not in takes_value:
+            raise ValueError(f"method must be 'mul_', 'add_' or 'relu_', got method={method!r}")
+        if takes_value[method] != (value is not None):
+            need = "a number" if takes_value[method] else "None"
+            raise ValueError(f"{method} needs value={need}, got value={value!r}")
+        self.method = method
+        self.value = value
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.value is None:
+            return getattr(x, self.method)()
+        return getattr(x, self.method)(self.value)
+
+    def extra_repr(self) -> str:
+        return f"{self.method}({'' if self.value is None else self.value})"
+
+
+def _hook_strategy(st: Any) -> Any:
+    """A :class:`Hook` with its constants drawn from small fixed sets."""
+    return st.builds(
+        Hook,
+        st.sampled_from(("output", "output", "output_inplace", "observe", "input")),
+        st.sampled_from((0.5, -1.0, 2.0)),
+        st.sampled_from((0.0, 0.25, -1.0)),
+    )
+
+
+def _register(model: nn.Module, hooks: dict[str, Sequence[Hook]]) -> None:
+    for name, specs in hooks.items():
+        module = model.get_submodule(name)
+        for hook in specs:
+            hook.register(module)
+
+
+# --------------------------------------------------------------------------------------------
 # Conv chains
 # --------------------------------------------------------------------------------------------
 
@@ -245,6 +385,9 @@ def conv_chains(
     padding: str = "first",
     dtype: torch.dtype = torch.float32,
     max_extent: int | None = None,
+    hooks: bool = False,
+    inplace: bool = False,
+    unbatched: bool = False,
 ) -> Any:
     """Strategy for ``(nn.Sequential of convolutions, input)`` pairs.
 
@@ -261,7 +404,7 @@ def conv_chains(
     min_convs, max_convs : int
         Number of convolutions.
     max_channels : int
-        Largest channel count.
+        Largest channel count (an unbatched chain may exceed it, see ``unbatched``).
     max_kernel, max_stride, max_dilation : int
         Upper bounds per axis.
     groups : bool
@@ -276,8 +419,20 @@ def conv_chains(
     dtype : torch.dtype
         Of the parameters and the input.
     max_extent : int, optional
-        Largest input size per axis (default 40, 160 and 12 for 2-D, 1-D and 3-D); kernels,
-        dilations and strides are drawn within it.
+        Largest input size per axis (default 40, 160 and 12 for 2-D, 1-D and 3-D; 12, 24 and 8
+        for an unbatched input); kernels, dilations and strides are drawn within it.
+    hooks : bool
+        Let a module of the chain carry a forward hook or pre-hook (:class:`Hook`), which may
+        change what the module returns. Off by default.
+    inplace : bool
+        Let an :class:`InplaceOp` (``x.mul_(2.0)``, ``x.relu_()``, ...) sit before a conv; before
+        the first one it writes the caller's input. Off by default.
+    unbatched : bool
+        Let the input have no batch axis: ``(C, *spatial)``, which torch's convolutions accept.
+        A BatchNorm after a conv then sees ``(C, *spatial)`` as ``(N, C', ...)`` and normalises
+        the first spatial axis: it is a ``BatchNorm{ndim-1}d`` (``BatchNorm1d`` for 1-D) over
+        that axis's extent, and at times the conv's channel count is drawn equal to that extent,
+        so that the BatchNorm looks like a per-channel one but is not. Off by default.
 
     Returns
     -------
@@ -304,11 +459,39 @@ def conv_chains(
         raise ValueError(f"need 1 <= min_convs <= max_convs, got {min_convs}, {max_convs}")
     dtype = _check_dtype(dtype)
     extent = max_extent if max_extent is not None else {1: 160, 2: 40, 3: 12}[ndim]
+    unbatched_extent = max_extent if max_extent is not None else {1: 24, 2: 12, 3: 8}[ndim]
+
+    def draw_channels(draw: Any, channels: int) -> tuple[int, int]:
+        kind = draw(st.sampled_from(("dense", "grouped", "depthwise"))) if groups else "dense"
+        if kind == "depthwise":
+            return channels, channels * draw(st.integers(1, max(1, max_channels // channels)))
+        if kind == "grouped":
+            g = draw(st.sampled_from(_divisors(channels)))
+            return g, g * draw(st.integers(1, max(1, max_channels // g)))
+        return 1, draw(st.integers(1, max_channels))
+
+    def draw_extras(draw: Any, specs: list[dict[str, Any]]) -> dict[str, tuple[Hook, ...]]:
+        """In-place ops before convs and hooks on modules (only with the opt-in flags)."""
+        for spec in specs:
+            spec["inplace"] = None
+            if inplace and draw(st.integers(0, 2)) == 0:
+                spec["inplace"] = draw(st.sampled_from(INPLACE_OPS))
+        drawn: dict[str, tuple[Hook, ...]] = {}
+        if hooks:
+            for i in range(_chain_length(specs)):
+                if draw(st.integers(0, 2)) == 0:
+                    drawn[str(i)] = (draw(_hook_strategy(st)),)
+        return drawn
 
     @st.composite
     def draw_chain(draw: Any) -> tuple[nn.Sequential, torch.Tensor]:
         n = draw(st.integers(min_convs, max_convs))
         c_in = draw(st.integers(1, max_channels))
+        if unbatched and draw(st.booleans()):
+            specs, size = draw_unbatched(draw, n, c_in)
+            chain_hooks = draw_extras(draw, specs)
+            seed = draw(st.integers(0, 2**31 - 1))
+            return _build_chain(ndim, specs, (c_in, *size), dtype, seed, chain_hooks)
         channels = c_in
         rf = [1] * ndim
         jump = [1] * ndim
@@ -333,16 +516,7 @@ def conv_chains(
                 stride.append(s)
                 dil.append(d)
                 pad.append(p)
-            kind = draw(st.sampled_from(("dense", "grouped", "depthwise"))) if groups else "dense"
-            if kind == "depthwise":
-                g = channels
-                out = channels * draw(st.integers(1, max(1, max_channels // channels)))
-            elif kind == "grouped":
-                g = draw(st.sampled_from(_divisors(channels)))
-                out = g * draw(st.integers(1, max(1, max_channels // g)))
-            else:
-                g = 1
-                out = draw(st.integers(1, max_channels))
+            g, out = draw_channels(draw, channels)
             bn = None
             if batchnorm and draw(st.booleans()):
                 bn = _BNSpec(draw(st.sampled_from(_EPS)), draw(st.booleans()))
@@ -371,10 +545,72 @@ def conv_chains(
             # keep the padded intermediate maps non-empty with "all" padding as well
             size.append(min(max(need, 1) + draw(st.integers(0, 3)), max(extent, need)))
         batch = draw(st.integers(1, 2))
+        chain_hooks = draw_extras(draw, specs)
         seed = draw(st.integers(0, 2**31 - 1))
-        return _build_chain(ndim, specs, (batch, c_in, *size), dtype, seed)
+        return _build_chain(ndim, specs, (batch, c_in, *size), dtype, seed, chain_hooks)
+
+    def draw_unbatched(draw: Any, n: int, c_in: int) -> tuple[list[dict[str, Any]], list[int]]:
+        """Layers for a ``(C, *spatial)`` input, tracking each map's exact extent."""
+        size = [draw(st.integers(1, unbatched_extent)) for _ in range(ndim)]
+        current = list(size)
+        channels = c_in
+        specs: list[dict[str, Any]] = []
+        for i in range(n):
+            kernel, stride, dil, pad = [], [], [], []
+            for ax in range(ndim):
+                d = draw(st.integers(1, max_dilation))
+                k = draw(st.integers(1, max_kernel))
+                may_pad = padding == "all" or (padding == "first" and i == 0)
+                p = draw(st.integers(0, d * (k - 1))) if may_pad else 0
+                while current[ax] + 2 * p - d * (k - 1) < 1:  # the kernel must fit the map
+                    k -= 1
+                    p = min(p, d * (k - 1))
+                s = draw(st.integers(1, max_stride))
+                current[ax] = (current[ax] + 2 * p - d * (k - 1) - 1) // s + 1
+                kernel.append(k)
+                stride.append(s)
+                dil.append(d)
+                pad.append(p)
+            g, out = draw_channels(draw, channels)
+            bn = None
+            if batchnorm and draw(st.booleans()):
+                # torch reads (C, L, ...) as (N, C', ...): the BN normalises the first spatial
+                # axis; drawing C == L at times makes it look like a per-channel BN
+                features = current[0]
+                if features <= 2 * max_channels and draw(st.booleans()):
+                    out = features
+                    g = math.gcd(g, out)
+                dims = max(1, ndim - 1)
+                bn = _BNSpec(draw(st.sampled_from(_EPS)), draw(st.booleans()), features, dims)
+            act = None
+            if activations and i < n - 1 and draw(st.booleans()):
+                act = draw(st.integers(0, len(ACTIVATION_MODULES) - 1))
+            specs.append(
+                {
+                    "in": channels,
+                    "out": out,
+                    "kernel": tuple(kernel),
+                    "stride": tuple(stride),
+                    "dilation": tuple(dil),
+                    "padding": tuple(pad),
+                    "groups": g,
+                    "bias": draw(st.booleans()),
+                    "bn": bn,
+                    "act": act,
+                }
+            )
+            channels = out
+        return specs, size
 
     return draw_chain()
+
+
+def _chain_length(specs: list[dict[str, Any]]) -> int:
+    """Number of modules :func:`_build_chain` makes from ``specs``."""
+    return sum(
+        1 + (s.get("inplace") is not None) + (s["bn"] is not None) + (s["act"] is not None)
+        for s in specs
+    )
 
 
 def _build_chain(
@@ -383,10 +619,13 @@ def _build_chain(
     input_shape: tuple[int, ...],
     dtype: torch.dtype,
     seed: int,
+    hooks: dict[str, tuple[Hook, ...]] | None = None,
 ) -> tuple[nn.Sequential, torch.Tensor]:
     with _seeded(seed):
         layers: list[nn.Module] = []
         for s in specs:
+            if s.get("inplace") is not None:
+                layers.append(InplaceOp(*s["inplace"]))
             layers.append(
                 _CONV[ndim](
                     s["in"],
@@ -400,12 +639,15 @@ def _build_chain(
                 )
             )
             if s["bn"] is not None:
-                bn = _BN[ndim](s["out"], eps=s["bn"].eps, affine=s["bn"].affine)
+                spec = s["bn"]
+                features = spec.features if spec.features is not None else s["out"]
+                bn = _BN[spec.dims or ndim](features, eps=spec.eps, affine=spec.affine)
                 _randomise_bn(bn)
                 layers.append(bn)
             if s["act"] is not None:
                 layers.append(_activation(s["act"]))
         model = nn.Sequential(*layers).to(dtype).eval()
+        _register(model, hooks or {})
         x = torch.randn(input_shape, dtype=dtype)
     return model, x
 
@@ -424,6 +666,9 @@ def linear_chains(
     activations: bool = True,
     sequence: bool = True,
     dtype: torch.dtype = torch.float32,
+    hooks: bool = False,
+    inplace: bool = False,
+    unbatched: bool = False,
 ) -> Any:
     """Strategy for ``(nn.Sequential of nn.Linear, input)`` pairs.
 
@@ -431,6 +676,30 @@ def linear_chains(
     ``BatchNorm1d`` with random statistics may follow a layer and an activation may sit between
     two layers. The input is ``(batch, d_in)``, or ``(batch, length, d_in)`` when ``sequence``
     allows it and the chain has no BatchNorm (``BatchNorm1d`` normalises axis 1).
+
+    Parameters
+    ----------
+    min_layers, max_layers : int
+        Number of ``nn.Linear`` layers.
+    max_features : int
+        Largest feature count.
+    batchnorm : bool
+        Allow a ``BatchNorm1d`` after each layer.
+    activations : bool
+        Allow an activation (from :data:`ACTIVATION_MODULES`) between layers.
+    sequence : bool
+        Allow a ``(batch, length, d_in)`` input (chains without BatchNorm).
+    dtype : torch.dtype
+        Of the parameters and the input.
+    hooks : bool
+        Let a module of the chain carry a forward hook or pre-hook (:class:`Hook`). Off by
+        default.
+    inplace : bool
+        Let an :class:`InplaceOp` sit before a layer (before the first one it writes the
+        caller's input). Off by default.
+    unbatched : bool
+        Let the input be a single ``(d_in,)`` vector (chains without BatchNorm, which needs a
+        batch axis). Off by default.
 
     Returns
     -------
@@ -473,10 +742,25 @@ def linear_chains(
         lead: tuple[int, ...] = (draw(st.integers(1, 3)),)
         if sequence and all(b is None for b in bns) and draw(st.booleans()):
             lead = (*lead, draw(st.integers(1, 4)))
+        if unbatched and all(b is None for b in bns) and draw(st.booleans()):
+            lead = ()
+        writes = [
+            draw(st.sampled_from(INPLACE_OPS)) if inplace and draw(st.integers(0, 2)) == 0 else None
+            for _ in range(n)
+        ]
+        length = n + sum(b is not None for b in bns) + sum(a is not None for a in acts)
+        length += sum(w is not None for w in writes)
+        drawn_hooks = {
+            str(i): (draw(_hook_strategy(st)),)
+            for i in range(length)
+            if hooks and draw(st.integers(0, 2)) == 0
+        }
         seed = draw(st.integers(0, 2**31 - 1))
         with _seeded(seed):
             layers: list[nn.Module] = []
             for i in range(n):
+                if writes[i] is not None:
+                    layers.append(InplaceOp(*writes[i]))
                 layers.append(nn.Linear(sizes[i], sizes[i + 1], bias=bias[i]))
                 if bns[i] is not None:
                     bn = nn.BatchNorm1d(sizes[i + 1], eps=bns[i].eps, affine=bns[i].affine)
@@ -485,6 +769,7 @@ def linear_chains(
                 if acts[i] is not None:
                     layers.append(_activation(acts[i]))
             model = nn.Sequential(*layers).to(dtype).eval()
+            _register(model, drawn_hooks)
             x = torch.randn((*lead, sizes[0]), dtype=dtype)
         return model, x
 
@@ -505,9 +790,11 @@ class Step:
     (``x.relu()``), ``"scale"`` (``x * arg``), ``"gate"`` (``x * sigmoid(x)``),
     ``"max_pool"``/``"avg_pool"`` (2x2), ``"global_pool"`` (adaptive average to 1x1),
     ``"flatten"``, ``"mul"`` (two values), ``"sigmoid"``, ``"reshape"`` (flatten the spatial
-    axes and unflatten them to ``arg``), ``"transpose"`` (swap the spatial axes and back) or
-    ``"mean_pool"`` (``x.mean((2, 3), keepdim=True)``). ``"add"`` is spelled ``a + b`` unless
-    ``arg`` is ``"torch.add"`` or ``"method"`` (``a.add(b)``).
+    axes and unflatten them to ``arg``), ``"transpose"`` (swap the spatial axes and back),
+    ``"mean_pool"`` (``x.mean((2, 3), keepdim=True)``) or ``"inplace"`` (``x.<method>(value)``
+    with ``arg = (method, value)`` from :data:`INPLACE_OPS`: writes ``values[i]`` in place and
+    appends the same tensor). ``"add"`` is spelled ``a + b`` unless ``arg`` is ``"torch.add"``
+    or ``"method"`` (``a.add(b)``).
     """
 
     op: str
@@ -520,6 +807,22 @@ class GeneratedModel(nn.Module):
 
     ``forward(x)`` starts with ``values = [x]``, appends the result of every step and returns
     the values listed in ``outputs`` (one tensor, or a tuple when several).
+
+    Parameters
+    ----------
+    modules : dict of str to nn.Module
+        Submodules, called by ``"module"`` steps.
+    steps : sequence of Step
+        The program.
+    outputs : sequence of int
+        Indices into ``values`` (negative ones count from the end).
+    params : dict of str to nn.Parameter, optional
+        Parameters of ``"conv_fn"`` steps.
+    hooks : dict of str to sequence of Hook, optional
+        Hooks registered on the named submodules (shown by :meth:`program`).
+    unbatched : bool
+        The input has no batch axis (``(C, H, W)``): concatenation, flattening and the spatial
+        reductions use negative axes.
 
     Examples
     --------
@@ -544,6 +847,8 @@ class GeneratedModel(nn.Module):
         steps: Sequence[Step],
         outputs: Sequence[int] = (-1,),
         params: dict[str, nn.Parameter] | None = None,
+        hooks: dict[str, Sequence[Hook]] | None = None,
+        unbatched: bool = False,
     ) -> None:
         super().__init__()
         for name, module in modules.items():
@@ -553,6 +858,9 @@ class GeneratedModel(nn.Module):
         self.steps = tuple(steps)
         n = len(self.steps) + 1
         self.outputs = tuple(o % n for o in outputs)
+        self.unbatched = unbatched
+        self.hook_specs = {name: tuple(specs) for name, specs in (hooks or {}).items() if specs}
+        _register(self, self.hook_specs)
 
     def forward(self, x: torch.Tensor) -> Any:
         values = [x]
@@ -580,14 +888,23 @@ class GeneratedModel(nn.Module):
             return args[0] * args[1]
         if op == "sigmoid":
             return torch.sigmoid(args[0])
+        if op == "inplace":
+            method, value = step.arg
+            if value is None:
+                return getattr(args[0], method)()
+            return getattr(args[0], method)(value)
         if op == "reshape":
+            if self.unbatched:
+                return args[0].flatten(-2).unflatten(-1, step.arg)
             return args[0].flatten(2).unflatten(2, step.arg)
         if op == "transpose":
             return args[0].transpose(-1, -2).contiguous().transpose(-1, -2)
         if op == "mean_pool":
+            if self.unbatched:
+                return args[0].mean((-2, -1), keepdim=True)
             return args[0].mean((2, 3), keepdim=True)
         if op == "cat":
-            return torch.cat(args, dim=1)
+            return torch.cat(args, dim=-3 if self.unbatched else 1)
         if op == "relu":
             return F.relu(args[0])
         if op == "relu_method":
@@ -603,7 +920,7 @@ class GeneratedModel(nn.Module):
         if op == "global_pool":
             return F.adaptive_avg_pool2d(args[0], 1)
         if op == "flatten":
-            return torch.flatten(args[0], 1)
+            return torch.flatten(args[0], -3 if self.unbatched else 1)
         raise ValueError(f"unknown step op {op!r}")
 
     def program(self) -> str:
@@ -619,9 +936,16 @@ class GeneratedModel(nn.Module):
                 "cat": lambda a=a: f"cat([{', '.join(a)}], 1)",
                 "scale": lambda s=s, a=a: f"{a[0]} * {s.arg}",
                 "gate": lambda a=a: f"{a[0]} * sigmoid({a[0]})",
+                "inplace": lambda s=s, a=a: (
+                    f"{a[0]}.{s.arg[0]}({'' if s.arg[1] is None else s.arg[1]})"
+                ),
             }.get(s.op, lambda s=s, a=a: f"{s.op}({a[0]})")()
+            if s.op == "module" and s.arg in self.hook_specs:
+                body += "  # " + "; ".join(h.describe() for h in self.hook_specs[s.arg])
             lines.append(f"v{i} = {body}")
         lines.append("return " + ", ".join(f"v{o}" for o in self.outputs))
+        if self.unbatched:
+            lines.insert(0, "# v0 has no batch axis: (C, H, W)")
         return "\n".join(lines)
 
     def extra_repr(self) -> str:
@@ -637,6 +961,9 @@ def models(
     head: bool | None = None,
     multiple_outputs: bool = False,
     dtype: torch.dtype = torch.float32,
+    hooks: bool = False,
+    inplace: bool = False,
+    unbatched: bool = False,
 ) -> Any:
     """Strategy for small random 2-D CNNs as ``(GeneratedModel, input)`` pairs.
 
@@ -662,11 +989,27 @@ def models(
         Let the model return a tuple of several intermediate values.
     dtype : torch.dtype
         Of the parameters and the input.
+    hooks : bool
+        Let modules carry a forward hook or pre-hook (:class:`Hook`; one in three modules on
+        average), and add ``nn.Identity`` / ``nn.Dropout`` blocks to hook. A hook may change
+        what its module returns, so a rewrite that drops or moves it changes the function.
+        Off by default.
+    inplace : bool
+        Add blocks that write a value in place (``x.mul_(2.0)``, ``x.relu_()``, ...): the last
+        value (the chain goes on from the written tensor), the input of a layer between that
+        layer and the next one (``a = conv1(v); v.mul_(2); b = conv2(a)``), or an earlier value
+        or the model's input, which may be read again later (``b + v``). The model then writes
+        the caller's input at times. Off by default.
+    unbatched : bool
+        Let the input have no batch axis, ``(C, H, W)`` (drawn per example). BatchNorms then
+        see ``(C, H, W)`` as ``(N, C', L)``: they are ``BatchNorm1d`` over ``H``, and at times
+        the conv before one has ``H`` output channels, so that it looks per-channel but is not.
+        Off by default.
 
     Returns
     -------
     hypothesis.strategies.SearchStrategy
-        Of ``(model, x)``; ``print(model)`` shows the program.
+        Of ``(model, x)``; ``print(model)`` shows the program (with its hooks).
 
     Examples
     --------
@@ -689,6 +1032,9 @@ def models(
         multiple_outputs=multiple_outputs,
         dtype=dtype,
         rich=False,
+        hooks=hooks,
+        inplace=inplace,
+        unbatched=unbatched,
     )
 
 
@@ -711,6 +1057,10 @@ _GRAPH_BLOCKS = (
     "squeeze_excite",
     "reshape",
     "shared_linear",
+    "fork_residual",
+    "multi_branch",
+    "bn_only",
+    "identity",
 )
 
 
@@ -723,6 +1073,9 @@ def graphs(
     head: bool | None = None,
     multiple_outputs: bool = True,
     dtype: torch.dtype = torch.float32,
+    hooks: bool = False,
+    inplace: bool = False,
+    unbatched: bool = False,
 ) -> Any:
     """Strategy for random model DAGs, richer than :func:`models`: the graph fuzzer.
 
@@ -730,13 +1083,18 @@ def graphs(
     groups and uncentred padding; bottleneck residuals (1x1, kxk, 1x1) with identity or
     projection shortcuts; squeeze-excite gates (global pool, two 1x1 convs, sigmoid, multiply);
     reshapes (flatten/unflatten, transpose round trips); a linear layer called twice; residual
-    adds spelled ``+``, ``torch.add`` and ``Tensor.add``; and more activation kinds
-    (:data:`EXTRA_ACTIVATION_MODULES`, ``PReLU`` among them). By default a model may return
-    several values.
+    adds spelled ``+``, ``torch.add`` and ``Tensor.add``; more activation kinds
+    (:data:`EXTRA_ACTIVATION_MODULES`, ``PReLU`` among them); residual forks at a prunable unit
+    (``h = act(bn(conv(x))); out = f(conv(h)) + h``, the branch a 1x1 or 3x3 conv, the shortcut
+    ``h`` itself or a 1x1 projection of it, at times a padded conv after the sum); BatchNorms
+    that follow no convolution (on an activation, a sum, a pooled map or the input); sums of
+    three or four branches (RepVGG-like ``bn(conv3x3(x)) + bn(conv1x1(x)) + bn(x)``, with
+    identity and BatchNorm-only branches); and ``nn.Identity`` / ``nn.Dropout`` modules. By
+    default a model may return several values.
 
     Parameters
     ----------
-    See :func:`models`.
+    See :func:`models` (``hooks``, ``inplace`` and ``unbatched`` as there, off by default).
 
     Returns
     -------
@@ -764,6 +1122,9 @@ def graphs(
         multiple_outputs=multiple_outputs,
         dtype=dtype,
         rich=True,
+        hooks=hooks,
+        inplace=inplace,
+        unbatched=unbatched,
     )
 
 
@@ -778,8 +1139,15 @@ def _model_strategy(
     multiple_outputs: bool,
     dtype: torch.dtype,
     rich: bool,
+    hooks: bool = False,
+    inplace: bool = False,
+    unbatched: bool = False,
 ) -> Any:
     st = _hypothesis()
+    if inplace:
+        kinds = (*kinds, "inplace", "inplace")
+    if hooks:
+        kinds = (*kinds, "identity", "identity")  # hook targets canonicalization removes
     if max_steps < 1:
         raise ValueError(f"max_steps must be >= 1, got max_steps={max_steps!r}")
     if not 1 <= min_size <= max_size:
@@ -788,19 +1156,21 @@ def _model_strategy(
 
     @st.composite
     def draw_model(draw: Any) -> tuple[GeneratedModel, torch.Tensor]:
-        b = _Builder(draw, st, max_channels, rich=rich)
+        b = _Builder(
+            draw, st, max_channels, rich=rich, hooks=hooks, inplace=inplace, unbatched=unbatched
+        )
         c = draw(st.integers(1, max_channels))
         h = draw(st.integers(min_size, max_size))
         w = draw(st.integers(min_size, max_size))
         b.shapes.append((c, h, w))
         for _ in range(draw(st.integers(1, max_steps))):
             getattr(b, f"block_{draw(st.sampled_from(kinds))}")()
-        outputs: list[int] = [-1]
+        extra: list[int] = []
         if multiple_outputs and len(b.shapes) > 2:
             extra = draw(st.lists(st.integers(1, len(b.shapes) - 2), max_size=2, unique=True))
-            outputs = [*extra, -1]
         if head is True or (head is None and draw(st.booleans())):
             b.block_head()
+        outputs = [*extra, b.last]
         seed = draw(st.integers(0, 2**31 - 1))
         with _seeded(seed):
             modules = {name: make() for name, make in b.makers.items()}
@@ -811,8 +1181,12 @@ def _model_strategy(
                 name: nn.Parameter(torch.randn(shape) / math.sqrt(max(1, math.prod(shape[1:]))))
                 for name, shape in b.params.items()
             }
-            model = GeneratedModel(modules, b.steps, outputs, params).to(dtype).eval()
-            x = torch.randn((b.batch, c, h, w), dtype=dtype)
+            model = GeneratedModel(
+                modules, b.steps, outputs, params, hooks=b.hooks, unbatched=b.unbatched
+            )
+            model = model.to(dtype).eval()
+            lead = () if b.unbatched else (b.batch,)
+            x = torch.randn((*lead, c, h, w), dtype=dtype)
         return model, x
 
     return draw_model()
@@ -821,7 +1195,17 @@ def _model_strategy(
 class _Builder:
     """Draws the blocks of a :class:`GeneratedModel`, tracking every value's (C, H, W)."""
 
-    def __init__(self, draw: Any, st: Any, max_channels: int, *, rich: bool = False) -> None:
+    def __init__(
+        self,
+        draw: Any,
+        st: Any,
+        max_channels: int,
+        *,
+        rich: bool = False,
+        hooks: bool = False,
+        inplace: bool = False,
+        unbatched: bool = False,
+    ) -> None:
         self.draw = draw
         self.st = st
         self.max_channels = max_channels
@@ -830,7 +1214,12 @@ class _Builder:
         self.steps: list[Step] = []
         self.makers: dict[str, Any] = {}
         self.params: dict[str, tuple[int, ...]] = {}
+        self.hooks: dict[str, list[Hook]] = {}
+        self.allow_hooks = hooks
+        self.inplace = inplace
         self.batch = draw(st.integers(1, 2))
+        self.unbatched = unbatched and draw(st.booleans())
+        self._last = 0  # the value blocks extend (a side-effect write does not move it)
 
     # -- bookkeeping
     def _name(self, stem: str) -> str:
@@ -839,19 +1228,27 @@ class _Builder:
             i += 1
         return f"{stem}{i}"
 
-    def _emit(self, step: Step, shape: tuple[int, ...]) -> int:
+    def _emit(self, step: Step, shape: tuple[int, ...], *, advance: bool = True) -> int:
         self.steps.append(step)
         self.shapes.append(shape)
+        if advance:
+            self._last = len(self.shapes) - 1
         return len(self.shapes) - 1
+
+    def _maybe_hook(self, name: str) -> None:
+        """With ``hooks``, one module in three gets a :class:`Hook`."""
+        if self.allow_hooks and self.draw(self.st.integers(0, 2)) == 0:
+            self.hooks[name] = [self.draw(_hook_strategy(self.st))]
 
     def _module(self, stem: str, make: Any, src: int, shape: tuple[int, ...]) -> int:
         name = self._name(stem)
         self.makers[name] = make
+        self._maybe_hook(name)
         return self._emit(Step("module", (src,), name), shape)
 
     @property
     def last(self) -> int:
-        return len(self.shapes) - 1
+        return self._last
 
     def _spatial_source(self) -> int | None:
         """The last value when it is a feature map (blocks only extend the last value)."""
@@ -944,6 +1341,10 @@ class _Builder:
 
     def bn(self, src: int) -> int:
         eps = self.draw(self.st.sampled_from(_EPS))
+        if self.unbatched:
+            # torch reads an unbatched (C, H, W) map as (N, C', L): the BN normalises H
+            h = self.shapes[src][1]
+            return self._module("bn", lambda: nn.BatchNorm1d(h, eps=eps), src, self.shapes[src])
         c = self.shapes[src][0]
         return self._module("bn", lambda: nn.BatchNorm2d(c, eps=eps), src, self.shapes[src])
 
@@ -965,6 +1366,11 @@ class _Builder:
         return self._emit(Step("add", (a, b), spelling), self.shapes[a])
 
     def unit(self, src: int, **kw: Any) -> int:
+        if self.unbatched and not kw and self.draw(self.st.integers(0, 2)) == 0:
+            h = self.shapes[src][1]
+            if h <= self.max_channels:
+                # C_out == H: the BatchNorm1d(H) after it looks like a per-channel BN
+                return self.bn(self.conv(src, out=h, stride=1, centred=True))
         v = self.conv(src, **kw)
         if self.draw(self.st.booleans()):
             v = self.bn(v)
@@ -1016,6 +1422,7 @@ class _Builder:
         k = self.draw(self.st.sampled_from((1, 3)))
         bias = self.draw(self.st.booleans())
         self.makers[name] = lambda: nn.Conv2d(c, c, k, padding=k // 2, bias=bias)
+        self._maybe_hook(name)
         first = self._emit(Step("module", (src,), name), (c, h, w))
         mid = first
         if self.draw(self.st.booleans()):
@@ -1146,6 +1553,7 @@ class _Builder:
         name = self._name("shared_fc")
         bias = self.draw(self.st.booleans())
         self.makers[name] = lambda: nn.Linear(features, features, bias=bias)
+        self._maybe_hook(name)
         v = self._emit(Step("module", (src,), name), (features,))
         if self.draw(self.st.booleans()):
             v = self.act(v)
@@ -1164,5 +1572,116 @@ class _Builder:
         if self.draw(self.st.booleans()):
             if self.draw(self.st.booleans()):
                 v = self.act(v)
+            if self.inplace and self.draw(self.st.booleans()):
+                self._write(src, advance=False)  # the first layer's input, between the layers
             out = self.draw(self.st.integers(1, 10))
             self._module("fc", lambda: nn.Linear(hidden, out), v, (out,))
+
+    # -- hostile and structural blocks of graphs() (and the opt-in flags)
+    def _write(self, src: int, *, advance: bool) -> int:
+        """``values[src].<op>_(...)``: an in-place write; returns the (aliasing) new value."""
+        op = self.draw(self.st.sampled_from(INPLACE_OPS))
+        return self._emit(Step("inplace", (src,), op), self.shapes[src], advance=advance)
+
+    def block_inplace(self) -> None:
+        """An in-place write: of the last value, between two layers, or of an earlier value."""
+        draw, st = self.draw, self.st
+        kind = draw(st.sampled_from(("last", "between", "earlier")))
+        src = self.last
+        if kind == "last" or len(self.shapes[src]) != 3:
+            self._write(src, advance=True)  # the chain goes on from the written tensor
+            return
+        if kind == "between":
+            # a = unit(v); v.op_(); b = unit(a) [+ v]: v's layer run has a write in between
+            a = self.unit(src, stride=1, centred=True, kernel=draw(st.sampled_from((1, 3))))
+            self._write(src, advance=False)
+            b = self.unit(a, stride=1, centred=True, kernel=draw(st.sampled_from((1, 3))))
+            if self.shapes[b] == self.shapes[src] and draw(st.booleans()):
+                self.add(b, src)  # the written value is read again
+            return
+        # an earlier value (the model's input, at times): written now, maybe read again later
+        j = 0 if draw(st.booleans()) else draw(st.integers(0, src))
+        self._write(j, advance=False)
+        if j != src and self.shapes[j] == self.shapes[src] and draw(st.booleans()):
+            self.add(src, j)
+
+    def block_identity(self) -> None:
+        """``nn.Identity`` or an eval-mode ``nn.Dropout`` (hook targets that canonicalization
+        would otherwise remove)."""
+        src = self.last
+        kind = self.draw(self.st.sampled_from(("identity", "dropout", "dropout2d")))
+        if kind == "dropout2d" and (self.unbatched or len(self.shapes[src]) != 3):
+            kind = "dropout"
+        make = {"identity": nn.Identity, "dropout": lambda: nn.Dropout(0.5)}.get(
+            kind, lambda: nn.Dropout2d(0.25)
+        )
+        self._module("drop" if kind != "identity" else "id", make, src, self.shapes[src])
+
+    def block_bn_only(self) -> None:
+        """A BatchNorm that follows no convolution (after an activation, a sum, a pool or on
+        the input itself)."""
+        src = self._spatial_source()
+        if src is None:
+            return
+        if self.draw(self.st.booleans()):
+            src = self.act(src)
+        self.bn(src)
+
+    def block_fork_residual(self) -> None:
+        """``h = act([bn](conv(x))); out = [f](conv(h)) + h``: a prunable unit (C_in == C_out,
+        stride 1) whose activation forks into the next residual; the branch is a 1x1 or 3x3
+        conv, the shortcut ``h`` or a 1x1 projection of it; at times a padded conv follows."""
+        src = self._spatial_source()
+        if src is None:
+            return
+        draw, st = self.draw, self.st
+        c = self.shapes[src][0]
+        h = self.conv(src, out=c, kernel=draw(st.sampled_from((1, 3))), stride=1, centred=True)
+        if draw(st.integers(0, 3)) > 0:
+            h = self.bn(h)
+        h = self.act(h)
+        variant = draw(st.sampled_from(("identity", "identity", "projection")))
+        out = c if variant == "identity" else draw(st.integers(1, self.max_channels))
+        v = self.unit(h, out=out, kernel=draw(st.sampled_from((1, 3))), stride=1, centred=True)
+        if draw(st.booleans()):
+            v = self.act(v)
+        short = h
+        if variant == "projection":
+            short = self.unit(h, out=out, kernel=1, stride=1, centred=True, dense=True)
+        v = self.add(*((v, short) if draw(st.booleans()) else (short, v)))
+        if draw(st.booleans()):
+            v = self.act(v)
+        if draw(st.booleans()):
+            self.unit(v, kernel=3, stride=1, centred=True)  # a padded conv after the sum
+
+    def block_multi_branch(self) -> None:
+        """A sum of three or four branches of one input (RepVGG / MobileOne training form):
+        kxk conv (+BN), 1x1 conv (+BN), BatchNorm alone, identity."""
+        src = self._spatial_source()
+        if src is None:
+            return
+        draw, st = self.draw, self.st
+        c = self.shapes[src][0]
+        stride = draw(st.sampled_from((1, 1, 2)))
+        same = stride == 1 and draw(st.integers(0, 3)) > 0
+        out = c if same else draw(st.integers(1, self.max_channels))
+        kinds = ("kxk", "1x1", "bn", "identity") if same else ("kxk", "1x1")
+        n = draw(st.integers(3, 4))
+        branches = [draw(st.sampled_from(kinds)) for _ in range(n)]
+        values = []
+        for kind in branches:
+            if kind in ("kxk", "1x1"):
+                k = draw(st.sampled_from((3, 3, 5))) if kind == "kxk" else 1
+                v = self.conv(src, out=out, kernel=k, stride=stride, centred=True)
+                if draw(st.integers(0, 3)) > 0:
+                    v = self.bn(v)
+                values.append(v)
+            elif kind == "bn":
+                values.append(self.bn(src))
+            else:
+                values.append(src)
+        total = values[0]
+        for v in values[1:]:
+            total = self.add(total, v)
+        if draw(st.booleans()):
+            self.act(total)

@@ -3,9 +3,11 @@ outputs correctly (checked against hand-built cases), and hypothesis stays optio
 
 from __future__ import annotations
 
+import copy
 import math
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 import torch
@@ -15,10 +17,13 @@ from torch import nn
 
 from fxcompress.testing import (
     GeneratedModel,
+    Hook,
+    InplaceOp,
     Step,
     assert_equivalent,
     conv_chains,
     default_rtol,
+    graphs,
     linear_chains,
     models,
 )
@@ -365,7 +370,7 @@ def test_graphs_cover_the_fuzzer_structures():
 
     seen: set[str] = set()
 
-    @settings(max_examples=60)
+    @settings(max_examples=100)
     @given(graphs())
     def collect(case):
         model, x = case
@@ -385,3 +390,297 @@ def test_graphs_cover_the_fuzzer_structures():
     assert {"mul", "reshape", "transpose", "cat", "conv_fn", "flatten"} <= seen
     assert {"None", "torch.add", "method"} <= seen
     assert {"Conv2d shared", "Linear shared", "non-square", "PReLU", "BatchNorm2d"} <= seen
+
+
+# ------------------------------------------------------------------------------------------
+# Hostile draws (issue 15): hooks, in-place writes, unbatched inputs, and the new structures
+# ------------------------------------------------------------------------------------------
+
+
+def _ancestors(model: GeneratedModel) -> list[set[int]]:
+    """For each value index, the set of value indices it was computed from (itself included)."""
+    anc: list[set[int]] = [{0}]
+    for i, s in enumerate(model.steps, start=1):
+        anc.append({i}.union(*(anc[j] for j in s.inputs)))
+    return anc
+
+
+def _producer(model: GeneratedModel, v: int) -> Step | None:
+    return model.steps[v - 1] if v > 0 else None
+
+
+def _module_of(model: GeneratedModel, v: int) -> nn.Module | None:
+    step = _producer(model, v)
+    return model.get_submodule(step.arg) if step is not None and step.op == "module" else None
+
+
+def _structures(model: GeneratedModel) -> set[str]:
+    """The issue-15 structure classes present in a drawn model."""
+    found: set[str] = set()
+    anc = _ancestors(model)
+    for s in model.steps:
+        is_bn = s.op == "module" and isinstance(model.get_submodule(s.arg), nn.BatchNorm2d)
+        if is_bn and not isinstance(_module_of(model, s.inputs[0]), nn.Conv2d):
+            found.add("bn without conv")
+        if s.op == "add":
+            a, b = s.inputs
+            inner = _producer(model, a)
+            # ((p + q) + r) with r not computed from (p + q): a sum of three branches
+            if inner is not None and inner.op == "add" and a not in anc[b]:
+                found.add("sum of 3+ branches")
+            for fork, branch in ((a, b), (b, a)):
+                unit = _module_of(model, fork)
+                producer = _producer(model, fork)
+                is_act = producer is not None and (
+                    producer.op in ("relu", "relu_method")
+                    or (unit is not None and not isinstance(unit, (nn.Conv2d, nn.BatchNorm2d)))
+                )
+                if is_act and fork in anc[branch] and branch != fork:
+                    found.add("residual fork at an activation")
+        if s.op == "module" and isinstance(model.get_submodule(s.arg), (nn.Identity, nn.Dropout)):
+            found.add("identity or dropout")
+    return found
+
+
+def test_graphs_draw_the_issue_15_structures_by_default():
+    seen: set[str] = set()
+
+    @settings(max_examples=60)
+    @given(graphs())
+    def collect(case):
+        model, x = case
+        seen.update(_structures(model))
+        assert x.dim() == 4  # unbatched inputs are opt-in
+        assert not model.hook_specs  # so are hooks
+        assert not any(s.op == "inplace" for s in model.steps)  # and in-place writes
+        assert_equivalent(torch.fx.symbolic_trace(model), model, x)
+
+    collect()
+    assert {
+        "bn without conv",
+        "sum of 3+ branches",
+        "residual fork at an activation",
+        "identity or dropout",
+    } <= seen
+
+
+def _hooks_of(model: nn.Module) -> dict[str, list[Any]]:
+    return {
+        name: [*m._forward_hooks.values(), *m._forward_pre_hooks.values()]
+        for name, m in model.named_modules()
+        if m._forward_hooks or m._forward_pre_hooks
+    }
+
+
+def test_hooked_models_register_the_hooks_they_describe():
+    kinds: set[str] = set()
+    hooked: set[str] = set()
+    changed = []
+
+    @settings(max_examples=60)
+    @given(graphs(hooks=True))
+    def collect(case):
+        model, x = case
+        registered = _hooks_of(model)
+        assert registered == {n: list(h) for n, h in model.hook_specs.items()}
+        for name, hooks in model.hook_specs.items():
+            kinds.update(h.kind for h in hooks)
+            hooked.add(type(model.get_submodule(name)).__name__)
+            assert all(h.describe() in model.program() for h in hooks)
+        # the hooks run in eager mode and in a plain trace (hooked modules stay leaves)
+        assert_equivalent(torch.fx.symbolic_trace(model), model, x)
+        if model.hook_specs:
+            bare = copy.deepcopy(model)
+            for m in bare.modules():
+                m._forward_hooks.clear()
+                m._forward_pre_hooks.clear()
+            with torch.no_grad():
+                changed.append(not torch.equal(_first(bare(x.clone())), _first(model(x.clone()))))
+
+    collect()
+    assert kinds == {"output", "output_inplace", "observe", "input"}
+    assert {"Conv2d", "BatchNorm2d", "Identity"} <= hooked
+    assert {"Dropout", "Dropout2d"} & hooked
+    assert hooked & {"ReLU", "ReLU6", "GELU", "SiLU", "Tanh", "Sigmoid", "Hardswish"}
+    assert any(changed)  # hooks do change what models compute
+
+
+def _first(out: Any) -> torch.Tensor:
+    return out[-1] if isinstance(out, tuple) else out
+
+
+def _inputs(model: GeneratedModel, v: int) -> tuple[int, ...]:
+    return model.steps[v - 1].inputs
+
+
+def _is_layer(model: GeneratedModel, v: int) -> bool:
+    return isinstance(_module_of(model, v), (nn.Conv2d, nn.Linear))
+
+
+def test_inplace_models_write_their_input_and_intermediates():
+    seen: set[str] = set()
+
+    @settings(max_examples=80)
+    @given(graphs(inplace=True))
+    def collect(case):
+        model, x = case
+        anc = _ancestors(model)
+        for i, s in enumerate(model.steps, start=1):
+            if s.op != "inplace":
+                continue
+            (target,) = s.inputs
+            seen.add("input" if target == 0 else "intermediate")
+            assert f"v{target}.{s.arg[0]}(" in model.program()
+            # read later: a later step uses the written value (or its alias) as an input
+            if any(target in t.inputs or i in t.inputs for t in model.steps[i:]):
+                seen.add("read later")
+            # between two layers: a layer read `target` before the write, and a layer after
+            # the write reads a value computed from it
+            before = {j for j in range(1, i) if _is_layer(model, j) and target in _inputs(model, j)}
+            after = [j for j in range(i + 1, len(model.steps) + 1) if _is_layer(model, j)]
+            if any(before & anc[k] for j in after for k in _inputs(model, j)):
+                seen.add("between layers")
+        probe = x.clone()
+        with torch.no_grad():
+            model(probe)
+        if not torch.equal(probe, x):
+            seen.add("writes the caller's input")
+        assert_equivalent(torch.fx.symbolic_trace(model), model, x)  # copies: x is untouched
+
+    collect()
+    assert {"input", "intermediate", "read later", "between layers"} <= seen
+    assert "writes the caller's input" in seen
+
+
+def test_unbatched_models_and_their_batchnorms():
+    seen: set[str] = set()
+
+    @settings(max_examples=80)
+    @given(graphs(unbatched=True, head=False))
+    def collect(case):
+        model, x = case
+        assert model.unbatched == (x.dim() == 3)
+        seen.add("unbatched" if model.unbatched else "batched")
+        if not model.unbatched:
+            return
+        assert model.program().startswith("# v0 has no batch axis")
+        shapes: dict[str, torch.Size] = {}
+        probe = copy.deepcopy(model)
+        for name, m in probe.named_modules():
+            if isinstance(m, nn.BatchNorm1d):
+                m.register_forward_pre_hook(lambda _, a, n=name: shapes.update({n: a[0].shape}))
+        with torch.no_grad():
+            probe(x.clone())
+        for name, t in shapes.items():
+            bn = model.get_submodule(name)
+            assert len(t) == 3  # (C, H, W)
+            assert bn.num_features == t[1]  # normalises H
+            seen.add("bn over H")
+            if t[0] == t[1]:
+                seen.add("C == H")  # looks like a per-channel BN but is not
+        assert_equivalent(torch.fx.symbolic_trace(model), model, x)
+
+    collect()
+    assert {"batched", "unbatched", "bn over H", "C == H"} <= seen
+
+
+@settings(max_examples=60)
+@given(st.data())
+def test_hostile_conv_and_linear_chains(data):
+    ndim = data.draw(st.sampled_from((1, 2, 3)))
+    model, x = data.draw(conv_chains(ndim=ndim, hooks=True, inplace=True, unbatched=True))
+    assert x.dim() in (ndim + 1, ndim + 2)
+    for name, hooks in _hooks_of(model).items():
+        assert all(isinstance(h, Hook) for h in hooks), name
+    if x.dim() == ndim + 1:
+        # unbatched: a BN normalises the first spatial axis of (C, *spatial)
+        for m in model:
+            if isinstance(m, BN_TYPES):
+                assert type(m) is BN_TYPES[max(0, ndim - 2)]
+    with torch.no_grad():
+        y = model(x.clone())
+    assert y.numel() > 0
+    lin, v = data.draw(linear_chains(hooks=True, inplace=True, unbatched=True))
+    if v.dim() == 1:
+        assert not any(isinstance(m, nn.BatchNorm1d) for m in lin)
+    last = [m for m in lin if isinstance(m, nn.Linear)][-1]
+    with torch.no_grad():
+        assert lin(v.clone()).shape[-1] == last.out_features
+
+
+def test_hostile_chains_cover_their_options():
+    seen: set[str] = set()
+
+    @settings(max_examples=100)
+    @given(conv_chains(ndim=1, hooks=True, inplace=True, unbatched=True))
+    def collect(case):
+        model, x = case
+        if isinstance(model[0], InplaceOp):
+            seen.add("writes the input")
+        if any(isinstance(m, InplaceOp) for m in list(model)[1:]):
+            seen.add("writes an intermediate")
+        if _hooks_of(model):
+            seen.add("hooks")
+        if x.dim() == 2:
+            seen.add("unbatched")
+            for prev, m in zip(model, list(model)[1:]):
+                if isinstance(m, nn.BatchNorm1d) and isinstance(prev, nn.Conv1d):
+                    seen.add("bn after unbatched conv")
+                    if prev.out_channels == m.num_features:
+                        seen.add("C == L")
+
+    collect()
+    assert {"writes the input", "writes an intermediate", "hooks", "unbatched"} <= seen
+    assert {"bn after unbatched conv", "C == L"} <= seen
+
+
+def test_hook_and_inplace_op():
+    x = torch.tensor([[-1.0, 2.0]])
+    relu = nn.ReLU()
+    handle = Hook("output", 0.5, 0.25).register(relu)
+    assert torch.equal(relu(x), torch.tensor([[0.25, 1.25]]))
+    handle.remove()
+    handle = Hook("output_inplace", -1.0).register(relu)
+    assert torch.equal(relu(x), torch.tensor([[-0.0, -2.0]]))
+    handle.remove()
+    handle = Hook("input", 2.0, 1.0).register(relu)
+    assert torch.equal(relu(x), torch.tensor([[0.0, 5.0]]))
+    handle.remove()
+    Hook("observe").register(relu)
+    assert torch.equal(relu(x), torch.tensor([[0.0, 2.0]]))
+    assert copy.deepcopy(relu)(x).tolist() == [[0.0, 2.0]]
+    with pytest.raises(ValueError, match="kind"):
+        Hook("backward")
+    y = x.clone()
+    assert InplaceOp("relu_")(y) is y
+    assert torch.equal(y, torch.tensor([[0.0, 2.0]]))
+    with pytest.raises(ValueError, match="method"):
+        InplaceOp("sub_", 1.0)
+    with pytest.raises(ValueError, match="value"):
+        InplaceOp("mul_")
+
+
+def test_hostile_strategies_replay_deterministically():
+    drawn: list[list[Any]] = []
+
+    @settings(max_examples=3, database=None)
+    @given(graphs(dtype=torch.float64, hooks=True, inplace=True, unbatched=True))
+    def draw(case):
+        model, x = case
+        with torch.no_grad():
+            out = model(x.clone())
+        drawn.append([model.program(), x, out, *model.state_dict().values()])
+
+    draw()
+    draw()
+    first, second = drawn[:3], drawn[3:]
+    for a, b in zip(first, second, strict=True):
+        assert a[0] == b[0]
+        assert all(torch.equal(p, q) for p, q in zip(_flat(a[1:]), _flat(b[1:]), strict=True))
+
+
+def _flat(values: list[Any]) -> list[torch.Tensor]:
+    out: list[torch.Tensor] = []
+    for v in values:
+        out.extend(_flat(list(v)) if isinstance(v, tuple) else [v])
+    return out
