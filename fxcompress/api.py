@@ -336,7 +336,9 @@ def make_plan(
 ) -> Plan:
     """Choose the segments to merge so the predicted latency fits ``budget``.
 
-    Takes the same arguments as :func:`optimize` (which calls it); returns a :class:`Plan`.
+    Takes the planning arguments of :func:`optimize` (which calls it; not ``finetune``,
+    ``check``, ``max_replans``, ``plan_candidates`` or ``trial_finetune``), plus ``resolution``:
+    the number of time bins of the DP. Returns a :class:`Plan`.
 
     Raises
     ------
@@ -732,7 +734,12 @@ def optimize(
         example inputs (the message holds the underlying error), or has hooks no graph can
         keep (on the top-level module, or global module hooks).
     InfeasibleBudget
-        The budget is below the lowest reachable latency (given in the message).
+        The budget is below the lowest reachable latency (given in the message; ``.minimum`` as
+        a fraction of the original). When only measurement showed the budget out of reach,
+        ``.result`` holds the fastest model built.
+    RewriteError
+        With ``check=True``, a rewrite changed the function it should preserve: a bug in
+        fxcompress (please report it with the model).
 
     Examples
     --------

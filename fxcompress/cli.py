@@ -373,7 +373,10 @@ def build_parser() -> argparse.ArgumentParser:
     o = sub.add_parser(
         "optimize", help="compress a model under a latency budget", parents=[flags]
     )
-    o.add_argument("model", help="torchvision:NAME | package.module:factory | file.pt2")
+    o.add_argument(
+        "model",
+        help="torchvision:NAME | package.module:factory | file.pt2 (loaded, not yet compressed)",
+    )
     o.add_argument("--budget", type=float, required=True, help="fraction of latency in (0, 1]")
     o.add_argument("--input-shape", required=True, help="e.g. 1,3,224,224")
     o.add_argument(

@@ -34,7 +34,9 @@ class InfeasibleBudget(FxCompressError):
     Attributes
     ----------
     minimum : float
-        The lowest latency reachable (same unit as the budget that was asked for).
+        The lowest reachable cost as a fraction of the original model's: of its latency for
+        latency budgets (also ``Budget(latency_ms=...)`` and ``Budget(speedup=...)``), of its
+        parameters for ``Budget(params=...)``.
     result : object or None
         When the budget was missed only on measurement (the plan predicted it would fit), the
         fastest model that was built, so the work is not lost; otherwise None.

@@ -580,7 +580,7 @@ def _time_forward(
     warmup: int,
     sync: Callable[[], None],
 ) -> float:
-    """Median milliseconds of one ``module(*inputs)`` under :func:`torch.inference_mode`.
+    """Low-quantile milliseconds of one ``module(*inputs)`` under :func:`torch.inference_mode`.
 
     After ``warmup`` calls, the fastest of three single calls sets how many calls each timed run
     loops over (enough to last :data:`_MIN_RUN_MS`); the result is the :data:`QUANTILE` quantile
@@ -934,7 +934,7 @@ class LatencyTable:
             torch.mps.synchronize()
 
     def measure_module(self, module: nn.Module, inputs: tuple[Any, ...] | torch.Tensor) -> float:
-        """Median ms of ``module(*inputs)``, for whole networks; always measures, never cached.
+        """Low-quantile ms of ``module(*inputs)`` for whole networks; measured, never cached.
 
         This times the forward even in ``"flops"`` mode. The module and tensor inputs must
         already be on the table's device; the module runs in eval mode under
