@@ -10,18 +10,19 @@ come back bit-identical and the caller's model unchanged (weights, buffers, trai
 hooks), or the library refuses with one of its documented clean errors (``InvalidArgument``,
 ``CaptureError``, ``InfeasibleBudget``) - never a ``RewriteError``, never a raw torch error.
 
-Counts in the default ``ci`` profile: 200 + 150 (plain graphs) and 100 + 60 + 80 + 100 (hostile),
-about a minute on one core; ``HYPOTHESIS_PROFILE=long`` runs 2000 + 1500 (plain) and
-1000 + 800 + 800 + 600 (hostile) = 6700 examples.
+Counts in the default ``ci`` profile: 200 + 150 (plain graphs) and 100 + 60 + 80 + 100 + 30
+(hostile), about a minute on one core; ``HYPOTHESIS_PROFILE=long`` runs 2000 + 1500 (plain) and
+1000 + 800 + 800 + 600 + 400 (hostile) = 7100 examples.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
 import torch
-from hypothesis import event, example, given, settings
+from hypothesis import assume, event, example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -30,6 +31,7 @@ from fxcompress import (
     CaptureError,
     InfeasibleBudget,
     InvalidArgument,
+    collapse,
     fold_batchnorm,
     make_plan,
     merge,
@@ -504,6 +506,84 @@ def test_hostile_chains_are_the_original_or_a_clean_error(case):
         return
     check_exact(model, x, lambda: merge(gm))
     check_exact(model, x, lambda: fold_batchnorm(gm))
+
+
+def _site_activation(model, first):
+    """The step index of the activation after the layer module ``first`` (through BatchNorm,
+    Dropout and Identity modules, each value read once), or None."""
+    calls = [i for i, s in enumerate(model.steps, start=1) if s.op == "module" and s.arg == first]
+    if len(calls) != 1:
+        return None
+    v = calls[0]
+    while True:
+        users = [i for i, s in enumerate(model.steps, start=1) if v in s.inputs]
+        if len(users) != 1 or users[0] in model.outputs:
+            return None
+        v = users[0]
+        step = model.steps[v - 1]
+        if step.op in ("relu", "relu_method"):
+            return v
+        if step.op != "module":
+            return None
+        module = model.get_submodule(step.arg)
+        if not isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.Dropout, nn.Identity)):
+            return v
+
+
+def _linearised(model, firsts):
+    """``model`` with the activation after each layer in ``firsts`` replaced by ``x * 1.0``."""
+    ref = copy.deepcopy(model)
+    steps = list(ref.steps)
+    for first in firsts:
+        v = _site_activation(model, first)
+        steps[v - 1] = Step("scale", steps[v - 1].inputs, 1.0)
+    ref.steps = tuple(steps)
+    return ref
+
+
+EXAMPLES["write_between_linears_with_activation"] = lambda: _case(
+    _net(
+        {"f0": lambda: nn.Linear(4, 8), "a0": nn.ReLU, "f1": lambda: nn.Linear(8, 3)},
+        [_m(0, "f0"), _m(1, "a0"), Step("inplace", (0,), ("mul_", 2.0)), _m(2, "f1")],
+    ),
+    (2, 4),
+)
+
+
+@settings(max_examples=400 if LONG else 30)
+@example(EXAMPLES["write_between_linears_with_activation"](), 0)
+@example(EXAMPLES["hooked_relu"](), 0)
+@given(
+    st.one_of(
+        graphs(dtype=torch.float64, head=True, inplace=True),
+        graphs(dtype=torch.float64, head=True, **HOSTILE),
+    ),
+    st.integers(0, 2**8 - 1),
+)
+def test_hostile_graphs_collapse_at_slope_1_is_exact_or_a_clean_error(case, mask):
+    """LayerCollapse on hostile graphs: ``prepare`` keeps the function, and ``apply`` with the
+    chosen sites' slopes at 1 equals the original model with those activations replaced by the
+    identity (item 4: a collapsed run's layer must read its input where the first layer did)."""
+    model, x = case
+    prepared = guarded(model, x, lambda: collapse.prepare(model, x, sites="all"))
+    if prepared is None:
+        return
+    assert_equivalent(prepared, model, x)  # every slope at 0: the original function
+    sites = prepared.meta["fxcompress.collapse.sites"]
+    eligible = [site for site in sites if _site_activation(model, site.first) is not None]
+    assume(eligible)  # (models without a site still checked prepare above)
+    chosen = [site for i, site in enumerate(eligible) if mask >> (i % 8) & 1] or eligible
+    event(f"sites linearised: {min(len(chosen), 2)}{'+' if len(chosen) >= 2 else ''}")
+    with torch.no_grad():
+        for site in chosen:
+            prepared.get_submodule(site.name).slope.fill_(1.0)
+    out = guarded(model, x, lambda: collapse.apply(prepared, tol=0.0))
+    if out is None:
+        return
+    reference = _linearised(model, [site.first for site in chosen])
+    before = x.clone()
+    assert_equivalent(out, reference, x)
+    assert torch.equal(x, before)
 
 
 @pytest.mark.parametrize("seed", range(3))
