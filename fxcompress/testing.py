@@ -1082,9 +1082,10 @@ def graphs(
     Everything :func:`models` draws, plus: non-square kernels and per-axis strides, dilation,
     groups and uncentred padding; bottleneck residuals (1x1, kxk, 1x1) with identity or
     projection shortcuts; squeeze-excite gates (global pool, two 1x1 convs, sigmoid, multiply);
-    reshapes (flatten/unflatten, transpose round trips); a linear layer called twice; residual
-    adds spelled ``+``, ``torch.add`` and ``Tensor.add``; more activation kinds
-    (:data:`EXTRA_ACTIVATION_MODULES`, ``PReLU`` among them); residual forks at a prunable unit
+    reshapes (flatten/unflatten, transpose round trips); a linear layer called twice (with a
+    residual around it at times); residual adds spelled ``+``, ``torch.add`` and ``Tensor.add``;
+    more activation kinds (:data:`EXTRA_ACTIVATION_MODULES`, ``PReLU`` among them); residual
+    forks at a prunable unit
     (``h = act(bn(conv(x))); out = f(conv(h)) + h``, the branch a 1x1 or 3x3 conv, the shortcut
     ``h`` itself or a 1x1 projection of it, at times a padded conv after the sum); BatchNorms
     that follow no convolution (on an activation, a sum, a pooled map or the input); sums of
@@ -1543,7 +1544,8 @@ class _Builder:
             self._emit(Step("transpose", (src,)), (c, h, w))
 
     def block_shared_linear(self) -> None:
-        """One ``nn.Linear(f, f)`` called twice (on a pooled, flattened map if need be)."""
+        """One ``nn.Linear(f, f)`` called twice (on a pooled, flattened map if need be), at times
+        with a residual add around it."""
         src = self.last
         if len(self.shapes[src]) == 3:
             c = self.shapes[src][0]
@@ -1557,7 +1559,9 @@ class _Builder:
         v = self._emit(Step("module", (src,), name), (features,))
         if self.draw(self.st.booleans()):
             v = self.act(v)
-        self._emit(Step("module", (v,), name), (features,))
+        v = self._emit(Step("module", (v,), name), (features,))
+        if self.draw(self.st.booleans()):
+            self.add(v, src)  # a residual over features (1-D values with an unbatched input)
 
     def block_head(self) -> None:
         src = self.last

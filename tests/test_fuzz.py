@@ -381,6 +381,10 @@ EXAMPLES = {
         ),
         (1, 2, 5, 5),
     ),
+    # [6] a residual add of 1-D tensors (a linear layer on an unbatched input)
+    "add_of_1d_tensors": lambda: _case(
+        _net({"f0": lambda: nn.Linear(4, 4)}, [_m(0, "f0"), Step("add", (1, 0))]), (4,)
+    ),
     # (new) a model with no latency at all: budget < 1 divided by zero in optimize
     "identity_only": lambda: _case(nn.Sequential(nn.Identity()), (1, 1, 5, 5)),
 }

@@ -370,7 +370,7 @@ def test_graphs_cover_the_fuzzer_structures():
 
     seen: set[str] = set()
 
-    @settings(max_examples=100)
+    @settings(max_examples=150)
     @given(graphs())
     def collect(case):
         model, x = case
@@ -445,7 +445,7 @@ def _structures(model: GeneratedModel) -> set[str]:
 def test_graphs_draw_the_issue_15_structures_by_default():
     seen: set[str] = set()
 
-    @settings(max_examples=60)
+    @settings(max_examples=120)
     @given(graphs())
     def collect(case):
         model, x = case
