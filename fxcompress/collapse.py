@@ -189,12 +189,18 @@ def _is_dropout(gm: fx.GraphModule, node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in (F.dropout, F.dropout1d, F.dropout2d)
 
 
-def _is_bn(gm: fx.GraphModule, node: fx.Node, kind: str) -> bool:
-    """An eval BatchNorm over the layer's feature axis (for linear: only on 2-D tensors)."""
+def _is_bn(gm: fx.GraphModule, node: fx.Node, layer: Any) -> bool:
+    """An eval BatchNorm over ``layer``'s feature axis.
+
+    BatchNorm normalises axis 1: a conv's channels only on a batched map ``(N, C, *spatial)``
+    (on an unbatched ``(C, *spatial)`` map axis 1 is spatial), a linear layer's features only
+    on 2-D tensors.
+    """
     if batchnorm_of(gm, node) is None:
         return False
     shape = shape_of(node)
-    return kind == "conv" or (shape is not None and len(shape) == 2)
+    rank = 2 if isinstance(layer, LinearParams) else layer.ndim + 2
+    return shape is not None and len(shape) == rank
 
 
 def _kind(layer: Any) -> str:
@@ -214,7 +220,7 @@ def _match(gm: fx.GraphModule, act: fx.Node) -> _Match | str:
     if layer1 is None:
         return "its input is not a linear or convolution layer"
     kind = _kind(layer1)
-    if bn_before is not None and not _is_bn(gm, bn_before, kind):
+    if bn_before is not None and not _is_bn(gm, bn_before, layer1):
         return "the BatchNorm before it does not normalise the layer's feature axis"
     for node in (first, bn_before):
         if node is not None and len(node.users) != 1:
@@ -226,7 +232,7 @@ def _match(gm: fx.GraphModule, act: fx.Node) -> _Match | str:
             return f"{cur.name} has {len(cur.users)} users (a residual tap or a second reader)"
         if _is_dropout(gm, user):
             cur = user
-        elif bn_after is None and user.op == "call_module" and _is_bn(gm, user, kind):
+        elif bn_after is None and user.op == "call_module" and _is_bn(gm, user, layer1):
             cur = bn_after = user
         else:
             break
