@@ -310,6 +310,29 @@ def _check(reference: nn.Module, result: nn.Module, inputs: tuple[Any, ...], wha
     return err
 
 
+def _check_batched(gm: fx.GraphModule) -> None:
+    """Refuse planning on convs that see unbatched maps, naming the conv and the shape.
+
+    The latency table prices a conv on an ``(N, C, *spatial)`` input; an unbatched
+    ``(C, *spatial)`` input (which PyTorch accepts) has no such shape.
+    """
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        mod = gm.get_submodule(str(node.target))
+        if not isinstance(mod, nn.modules.conv._ConvNd) or not node.args:
+            continue
+        arg = node.args[0]
+        meta = arg.meta.get("tensor_meta") if isinstance(arg, fx.Node) else None
+        shape = getattr(meta, "shape", None)
+        if shape is not None and len(shape) == len(mod.kernel_size) + 1:
+            raise InvalidArgument(
+                f"budgets below 1 need batched inputs, but conv {node.target!r} gets an "
+                f"unbatched input of shape {tuple(shape)}; add a batch axis "
+                "(e.g. x.unsqueeze(0)), or use budget=1.0 for the exact rewrites alone"
+            )
+
+
 # --------------------------------------------------------------------------- stages
 
 
@@ -358,6 +381,7 @@ def make_plan(
     t0 = time.perf_counter()
     gm = canonicalize(capture(model, inputs, leaf_modules=leaf_modules))
     timings["capture"] = time.perf_counter() - t0
+    _check_batched(gm)
 
     t0 = time.perf_counter()
     analysis = analyze(gm)

@@ -176,3 +176,13 @@ def test_a_model_with_no_priced_work_meets_any_flops_budget():
     x = torch.randn(2, 3)
     out = fxcompress.optimize(model, 0.5, example_inputs=x, latency="flops")
     assert_equivalent(out, model, x)
+
+
+@pytest.mark.parametrize("conv", [nn.Conv1d, nn.Conv2d])
+def test_unbatched_input_below_one_names_the_conv_and_the_fix(conv):
+    # found by the fuzzer: the latency table's own shape error ("kernel_size must have 1
+    # entries") reached the caller instead of the cause
+    model = nn.Sequential(conv(2, 4, 3, padding=1), nn.ReLU(), conv(4, 4, 3, padding=1)).eval()
+    x = torch.randn(2, *([6] * (2 if conv is nn.Conv2d else 1)))
+    with pytest.raises(InvalidArgument, match=r"unbatched input of shape .*unsqueeze\(0\)"):
+        fxcompress.optimize(model, 0.5, example_inputs=x, latency="flops")
