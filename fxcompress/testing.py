@@ -45,7 +45,11 @@ from ._graph import default_rtol as _default_rtol
 
 __all__ = [
     "ACTIVATION_MODULES",
+    "HOOK_KINDS",
+    "INPLACE_OPS",
     "GeneratedModel",
+    "Hook",
+    "InplaceOp",
     "Step",
     "assert_equivalent",
     "conv_chains",
