@@ -374,6 +374,31 @@ def _register(model: nn.Module, hooks: dict[str, Sequence[Hook]]) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def _conv_spec(
+    channels: int,
+    out: int,
+    geometry: tuple[tuple[int, ...], ...],
+    groups: int,
+    bn: Any,
+    act: int | None,
+    bias: bool,
+) -> dict[str, Any]:
+    """One conv of a drawn chain; ``geometry`` is (kernel, stride, dilation, padding)."""
+    kernel, stride, dilation, padding = geometry
+    return {
+        "in": channels,
+        "out": out,
+        "kernel": kernel,
+        "stride": stride,
+        "dilation": dilation,
+        "padding": padding,
+        "groups": groups,
+        "bias": bias,
+        "bn": bn,
+        "act": act,
+    }
+
+
 def conv_chains(
     *,
     ndim: int = 2,
@@ -527,20 +552,8 @@ def conv_chains(
             act = None
             if activations and i < n - 1 and draw(st.booleans()):
                 act = draw(st.integers(0, len(ACTIVATION_MODULES) - 1))
-            specs.append(
-                {
-                    "in": channels,
-                    "out": out,
-                    "kernel": tuple(kernel),
-                    "stride": tuple(stride),
-                    "dilation": tuple(dil),
-                    "padding": tuple(pad),
-                    "groups": g,
-                    "bias": draw(st.booleans()),
-                    "bn": bn,
-                    "act": act,
-                }
-            )
+            geometry = (tuple(kernel), tuple(stride), tuple(dil), tuple(pad))
+            specs.append(_conv_spec(channels, out, geometry, g, bn, act, draw(st.booleans())))
             channels = out
         # input size: enough for the receptive field, plus a few positions to exercise strides
         size = []
@@ -589,20 +602,8 @@ def conv_chains(
             act = None
             if activations and i < n - 1 and draw(st.booleans()):
                 act = draw(st.integers(0, len(ACTIVATION_MODULES) - 1))
-            specs.append(
-                {
-                    "in": channels,
-                    "out": out,
-                    "kernel": tuple(kernel),
-                    "stride": tuple(stride),
-                    "dilation": tuple(dil),
-                    "padding": tuple(pad),
-                    "groups": g,
-                    "bias": draw(st.booleans()),
-                    "bn": bn,
-                    "act": act,
-                }
-            )
+            geometry = (tuple(kernel), tuple(stride), tuple(dil), tuple(pad))
+            specs.append(_conv_spec(channels, out, geometry, g, bn, act, draw(st.booleans())))
             channels = out
         return specs, size
 
