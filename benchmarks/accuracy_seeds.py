@@ -22,7 +22,7 @@ import bench_accuracy as B
 import digits
 import torch
 
-from fxcompress.timing import paired_timing
+from fxcompress.latency.timing import paired_timing
 
 
 def run(name: str, budget: float, seed: int) -> dict:

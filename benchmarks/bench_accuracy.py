@@ -6,9 +6,9 @@ epochs at lr 0.01 towards the labels and the original's outputs, ``fxcompress.Di
 ``--finetune labels`` uses the labels alone, :func:`digits.finetune`) and the same yardstick:
 the measured CPU latency of its *deployable* form (BatchNorm folded by
 ``optimize(m, 1.0)``) over that of the original's deployable form, one thread, timed by
-:func:`fxcompress.timing.paired_timing` (short runs of the two interleaved, a low quantile of
-each; the spread of the per-pair ratios is reported as a noise gauge) at batch 1, batch 64 and
-under ``torch.compile`` (batch 1).
+:func:`fxcompress.latency.timing.paired_timing` (short runs of the two interleaved, a low
+quantile of each; the spread of the per-pair ratios is reported as a noise gauge) at batch 1, batch
+64 and under ``torch.compile`` (batch 1).
 
 Main table, methods:
 
@@ -83,8 +83,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxcompress
-from fxcompress import planner
-from fxcompress.timing import paired_timing
+from fxcompress.depth import planner
+from fxcompress.latency.timing import paired_timing
 
 RESULTS = Path(__file__).parent / "results"
 CACHE = Path(__file__).parent / ".cache"
@@ -246,7 +246,7 @@ class Ctx:
 
 
 def drop_available() -> bool:
-    return "drop" in getattr(fxcompress.api, "ALL_METHODS", ())
+    return "drop" in getattr(fxcompress.pipeline.api, "ALL_METHODS", ())
 
 
 def run_fxcompress(
@@ -831,7 +831,7 @@ def render(rows: list[dict]) -> str:
         "",
         "Latency ratio = deployable result / deployable original (BN folded in both), one "
         "thread, the two timed in interleaved runs in the same process, a low quantile of each "
-        "(`fxcompress.timing.paired_timing`); `spread` is the interquartile range of the "
+        "(`fxcompress.latency.timing.paired_timing`); `spread` is the interquartile range of the "
         "per-pair ratios over their median (a noise gauge: the machine is shared). Every "
         "compressed model gets the same fine-tuning: "
         + (

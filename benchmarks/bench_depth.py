@@ -28,8 +28,8 @@ import torch
 import torchvision
 
 import fxcompress
-from fxcompress import planner
-from fxcompress.api import _Prepared, make_plan
+from fxcompress.depth import planner
+from fxcompress.pipeline.api import _Prepared, make_plan
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -13,10 +13,10 @@ Three parts (all run by default):
   measured CPU latency ratio and the time the decomposition takes.
 
 Latency ratios are measured in the same process, original and result alternately, like every
-latency ratio of fxcompress (:func:`fxcompress.timing.paired_timing`: interleaved timed runs, each
-side's time the low quantile :data:`fxcompress.timing.QUANTILE` of its runs; one thread). Writes
-``benchmarks/results/lowrank.md``, ``lowrank.json`` and ``lowrank.png``; the defaults produce the
-committed tables.
+latency ratio of fxcompress (:func:`fxcompress.latency.timing.paired_timing`: interleaved timed
+runs, each side's time the low quantile :data:`fxcompress.latency.timing.QUANTILE` of its runs; one
+thread). Writes ``benchmarks/results/lowrank.md``, ``lowrank.json`` and ``lowrank.png``; the
+defaults produce the committed tables.
 
     python benchmarks/bench_lowrank.py                 # all three parts (about 15 min on 2 cores)
     python benchmarks/bench_lowrank.py --parts digits --fractions 0.5 0.25
@@ -37,9 +37,9 @@ import torchvision
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import digits
-from fxcompress.latency import LatencyTable
+from fxcompress.latency.table import LatencyTable
+from fxcompress.latency.timing import QUANTILE, paired_timing
 from fxcompress.lowrank import ErrorCache, decompose
-from fxcompress.timing import QUANTILE, paired_timing
 
 RESULTS = Path(__file__).parent / "results"
 METHODS = ("alds", "uniform", "energy")
@@ -239,7 +239,7 @@ def timing_note(results: dict, part: str) -> str:
         )
     return (
         f"{timing['pairs']} interleaved timed runs of each, each side the {timing['quantile']} "
-        "quantile of its runs: `fxcompress.timing.paired_timing`"
+        "quantile of its runs: `fxcompress.latency.timing.paired_timing`"
     )
 
 

@@ -10,11 +10,11 @@ result are each run under three runtimes:
   the same number of intra-op threads as torch.
 
 Each runtime's ratio is result / original, timed like every latency ratio of fxcompress: with
-:func:`fxcompress.timing.paired_timing` (warm-up, then ``--pairs`` timed runs of each, interleaved,
-each side's time the low quantile :data:`fxcompress.timing.QUANTILE` of its runs), so drifting
-machine load hits both alike and bursts of load from other jobs, which only slow runs down, are left
-out. Rows logged before this script used it (no ``timing`` key) were timed as the median over 5
-rounds of the median of 20 calls. Every runtime's output is also compared with the
+:func:`fxcompress.latency.timing.paired_timing` (warm-up, then ``--pairs`` timed runs of each,
+interleaved, each side's time the low quantile :data:`fxcompress.latency.timing.QUANTILE` of its
+runs), so drifting machine load hits both alike and bursts of load from other jobs, which only slow
+runs down, are left out. Rows logged before this script used it (no ``timing`` key) were timed as
+the median over 5 rounds of the median of 20 calls. Every runtime's output is also compared with the
 eager result (max absolute difference, recorded). Budget 1.0 (only exact rewrites: BatchNorm
 folding) is included as the baseline of what a runtime that fuses BatchNorm itself gets anyway.
 
@@ -44,7 +44,7 @@ import torch
 import torchvision
 
 import fxcompress
-from fxcompress.timing import QUANTILE, paired_timing
+from fxcompress.latency.timing import QUANTILE, paired_timing
 
 RESULTS = Path(__file__).parent / "results"
 RUNTIMES = ("eager", "compile", "onnxruntime")
@@ -106,8 +106,8 @@ def paired(
 ) -> tuple[float, float, float, float]:
     """(original ms, result ms, result / original, spread of the per-pair ratios).
 
-    :func:`fxcompress.timing.paired_timing`: interleaved timed runs, each side's time the
-    :data:`~fxcompress.timing.QUANTILE` quantile of its runs.
+    :func:`fxcompress.latency.timing.paired_timing`: interleaved timed runs, each side's time the
+    :data:`~fxcompress.latency.timing.QUANTILE` quantile of its runs.
     """
     t = paired_timing(_Call(original), _Call(result), (), pairs=pairs)
     return t.a_ms, t.b_ms, t.ratio, t.spread
@@ -194,7 +194,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="intra-op threads of torch and onnxruntime (1: robust when shared)")
     ap.add_argument("--pairs", type=int, default=30,
-                    help="interleaved timed runs of each side (fxcompress.timing.paired_timing)")
+                    help="interleaved timed runs of each side (latency.timing.paired_timing)")
     ap.add_argument("--log", default=str(RESULTS / "runtimes.jsonl"),
                     help="JSON lines of finished rows: appended to, and skipped on a re-run")
     ap.add_argument("--out", default=str(RESULTS / "runtimes.md"))
@@ -227,7 +227,7 @@ def timing_note(rows: list[dict]) -> str:
         else:
             notes.append(f"{timing['pairs']} interleaved timed runs of each after warm-up, each "
                          f"side the {timing['quantile']} quantile of its runs "
-                         "(`fxcompress.timing.paired_timing`)")
+                         "(`fxcompress.latency.timing.paired_timing`)")
     return "; ".join(notes) or "no rows"
 
 

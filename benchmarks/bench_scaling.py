@@ -25,9 +25,9 @@ import torch
 from torch import nn
 
 import fxcompress
-from fxcompress import planner
-from fxcompress.latency import LatencyTable
-from fxcompress.planning import build_problem, enumerate_options
+from fxcompress.depth import planner
+from fxcompress.depth.planning import build_problem, enumerate_options
+from fxcompress.latency.table import LatencyTable
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -55,10 +55,10 @@ def min_latency_fraction(analysis: fxcompress.Analysis, gm: torch.fx.GraphModule
     not change the reachable minimum). Uses internals (imported here, so that a refactoring of
     them only costs this optional column).
     """
-    from fxcompress import planner
-    from fxcompress.api import _rest_estimate
-    from fxcompress.latency import LatencyTable
-    from fxcompress.planning import baseline_latency, build_problem, enumerate_options
+    from fxcompress.depth import planner
+    from fxcompress.depth.planning import baseline_latency, build_problem, enumerate_options
+    from fxcompress.latency.table import LatencyTable
+    from fxcompress.pipeline.api import _rest_estimate
 
     table = LatencyTable(mode="flops", device="cpu", progress=False)
     dtype = "float32"

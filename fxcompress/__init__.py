@@ -10,23 +10,24 @@ from __future__ import annotations
 
 import logging
 
-from . import collapse, fusion, lowrank
-from .analysis import Analysis, analyze
-from .api import Budget, Plan, make_plan, optimize, relax
-from .canonicalize import canonicalize
-from .capture import capture
-from .distill import Distill
-from .errors import (
+from fxcompress import collapse, fusion, lowrank
+from fxcompress.budget import Budget
+from fxcompress.depth.analysis import Analysis, analyze
+from fxcompress.depth.merge import fold_batchnorm, merge
+from fxcompress.distill import Distill
+from fxcompress.errors import (
     CaptureError,
     FxCompressError,
     InfeasibleBudget,
     InvalidArgument,
     RewriteError,
 )
-from .io import load, load_plan, save, save_plan
-from .latency import LatencyTable, OpSpec
-from .merge import fold_batchnorm, merge
-from .report import Report
+from fxcompress.graph.canonicalize import canonicalize
+from fxcompress.graph.capture import capture
+from fxcompress.io import load, load_plan, save, save_plan
+from fxcompress.latency.table import LatencyTable, OpSpec
+from fxcompress.pipeline.api import Plan, make_plan, optimize, relax
+from fxcompress.report import Report
 
 plan = make_plan
 

@@ -25,7 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import FxCompressError
+from fxcompress import meta
+from fxcompress.errors import FxCompressError
 
 __all__ = ["main"]
 
@@ -289,7 +290,7 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         plan_candidates=args.plan_candidates,
         trial_finetune=trial_finetune,
     )
-    report = result.meta["fxcompress"]
+    report = result.meta[meta.REPORT]
     print(report.to_markdown())
     if args.out:
         out = save(result, args.out, (x,))
@@ -321,7 +322,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_latency(args: argparse.Namespace) -> int:
-    from fxcompress.latency import LatencyTable
+    from fxcompress.latency.table import LatencyTable
 
     table = LatencyTable(
         mode="measure",
@@ -331,7 +332,7 @@ def _cmd_latency(args: argparse.Namespace) -> int:
     )
     if args.model:
         import fxcompress
-        from fxcompress.planning import enumerate_options, option_latency
+        from fxcompress.depth.planning import enumerate_options, option_latency
 
         model = _load_model(args.model, args.allow_pickle)
         x = torch.randn(*_shape(args.input_shape))

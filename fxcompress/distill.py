@@ -29,10 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._graph import clone_tensors
-from .errors import InvalidArgument
-from .importance import _flat, split_batch
-from .progress import track
+from fxcompress.data import flat_tensors, split_batch
+from fxcompress.errors import InvalidArgument
+from fxcompress.graph.util import clone_tensors
+from fxcompress.progress import track
 
 __all__ = ["Distill"]
 
@@ -49,7 +49,7 @@ def distillation_loss(student: Any, teacher: Any, kind: str, temperature: float)
     temperature changes; ``"mse"``: mean squared error. Summed over the output tensors.
     """
     total = torch.zeros(())
-    for s, t in zip(_flat(student), _flat(teacher)):
+    for s, t in zip(flat_tensors(student), flat_tensors(teacher)):
         if kind == "mse" or s.dim() < 2:
             term = F.mse_loss(s.float(), t.float())
         else:

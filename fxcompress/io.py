@@ -6,8 +6,8 @@ Two formats, both safe under PyTorch's ``weights_only=True`` default:
   size (dimension 0 of every tensor input) is dynamic by default: the program runs at any batch,
   not only the example's (falling back, with a logged warning, to the example's batch when the
   model cannot be exported that way).
-- a directory: ``plan.json`` (the :class:`~fxcompress.api.Plan`) plus ``state.pt`` (the relaxed or
-  merged model's ``state_dict``), replayed on the original model with :func:`load_plan`.
+- a directory: ``plan.json`` (the :class:`~fxcompress.pipeline.api.Plan`) plus ``state.pt`` (the
+  relaxed or merged model's ``state_dict``), replayed on the original model with :func:`load_plan`.
 """
 
 from __future__ import annotations
@@ -21,10 +21,12 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .api import Plan, relax
-from .capture import normalize_inputs
-from .errors import InvalidArgument
-from .merge import merge
+from fxcompress import meta
+from fxcompress.data import flat_tensors
+from fxcompress.depth.merge import merge
+from fxcompress.errors import InvalidArgument
+from fxcompress.graph.capture import normalize_inputs
+from fxcompress.pipeline.api import Plan, relax
 
 __all__ = ["export_onnx", "export_program", "load", "load_plan", "save", "save_plan"]
 
@@ -76,13 +78,12 @@ def _batch_spec(inputs: tuple[Any, ...]) -> tuple[tuple[Any, ...], tuple[Any, ..
 
 def _outputs_match(program: Any, model: nn.Module, inputs: tuple[Any, ...]) -> bool:
     """Whether ``program`` computes what ``model`` does on ``inputs`` (fresh copies each run)."""
-    from .importance import _flat
 
     def copies() -> tuple[Any, ...]:
         return tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in inputs)
 
     with torch.no_grad():
-        got, want = _flat(program.module()(*copies())), _flat(model(*copies()))
+        got, want = flat_tensors(program.module()(*copies())), flat_tensors(model(*copies()))
     def close(g: torch.Tensor, w: torch.Tensor) -> bool:
         if g.shape != w.shape or g.dtype != w.dtype:
             return False
@@ -220,7 +221,7 @@ def load(path: str | os.PathLike[str]) -> nn.Module:
 
 def save_plan(relaxed: fx.GraphModule, directory: str | os.PathLike[str]) -> Path:
     """Save a relaxed (e.g. fine-tuned) model as ``plan.json`` + ``state.pt`` in ``directory``."""
-    plan = relaxed.meta.get("fxcompress.plan")
+    plan = relaxed.meta.get(meta.PLAN)
     if plan is None:
         raise InvalidArgument("save_plan needs a model returned by fxcompress.relax")
     d = Path(directory)

@@ -13,8 +13,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import InvalidArgument
-from .report import Report
+from fxcompress.errors import InvalidArgument
+from fxcompress.report import Report
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import fx, nn
 
-from .capture import Hooked
+from fxcompress.graph.capture import Hooked
 
 __all__ = ["Report", "count_macs", "count_params"]
 
@@ -98,7 +98,8 @@ class Report:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     #: Pareto front of the plan: ``[predicted_ms, damage]`` pairs, fastest first.
     front: list[list[float]] = field(default_factory=list)
-    #: with ``plan_candidates > 1``: every plan considered (see :class:`fxcompress.selection.Trial`)
+    #: with ``plan_candidates > 1``: every plan considered
+    #: (see :class:`fxcompress.depth.selection.Trial`)
     trials: list[dict[str, Any]] = field(default_factory=list)
     #: the budget as it was asked: one of ``fraction``, ``latency_ms``, ``speedup``, ``params``,
     #: ``macs`` and its value
@@ -233,7 +234,7 @@ class Report:
         ``out_channels``, ``groups``; ``None`` when the segment is kept or dropped),
         ``activations_removed`` and ``pruned_layers`` (module names).
         """
-        from .analysis import analyze
+        from fxcompress.depth.analysis import analyze
 
         analysis = analyze(gm)
         chains = {c.name: c for c in analysis.chains}
@@ -259,8 +260,8 @@ def _describe(
     gm: fx.GraphModule, items: tuple[Any, ...], key: str, pruned: tuple[str, ...]
 ) -> dict[str, Any]:
     """Names and merged shape of a segment of chain ``items`` (see :meth:`Report.decisions_of`)."""
-    from .analysis import Residual, geometry
-    from .planning import DROP
+    from fxcompress.depth.analysis import Residual, geometry
+    from fxcompress.depth.planning import DROP
 
     nodes = {n.name: n for n in gm.graph.nodes}
 
@@ -334,7 +335,7 @@ def _span(d: Mapping[str, Any]) -> str:
 
 
 def _merged_text(d: Mapping[str, Any]) -> str:
-    from .planning import DROP
+    from fxcompress.depth.planning import DROP
 
     key = d.get("key", "")
     if key == DROP:

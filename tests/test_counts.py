@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from fxcompress.capture import capture
+from fxcompress.graph.capture import capture
 from fxcompress.report import count_macs
 
 

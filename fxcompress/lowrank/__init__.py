@@ -11,8 +11,8 @@ Modules: :mod:`.factorize` (tensor maths), :mod:`.allocation` (pure allocation),
 
 from __future__ import annotations
 
-from .allocation import Allocation, LayerOptions, Option, allocate
-from .factorize import (
+from fxcompress.lowrank.allocation import Allocation, LayerOptions, Option, allocate
+from fxcompress.lowrank.factorize import (
     factorize,
     max_rank,
     paying_rank,
@@ -20,10 +20,10 @@ from .factorize import (
     residual_energy,
     spectral_errors,
 )
-from .modules import GroupedLinear
-from .pipeline import METHODS, ErrorCache, decompose, rank_grid
-from .report import LayerDecision, LowRankReport
-from .rewrite import Site, find_sites
+from fxcompress.lowrank.modules import GroupedLinear
+from fxcompress.lowrank.pipeline import METHODS, ErrorCache, decompose, rank_grid
+from fxcompress.lowrank.report import LayerDecision, LowRankReport
+from fxcompress.lowrank.rewrite import Site, find_sites
 
 __all__ = [
     "METHODS",

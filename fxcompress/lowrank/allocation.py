@@ -24,7 +24,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..errors import InfeasibleBudget, InvalidArgument
+from fxcompress.errors import InfeasibleBudget, InvalidArgument
 
 __all__ = ["Allocation", "LayerOptions", "Option", "allocate"]
 

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ..errors import InvalidArgument
+from fxcompress.errors import InvalidArgument
 
 __all__ = [
     "factorize",

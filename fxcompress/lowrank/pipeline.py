@@ -17,17 +17,18 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .._graph import clone_tensors, compare_outputs
-from ..capture import capture, normalize_inputs, propagate_shapes
-from ..errors import InfeasibleBudget, InvalidArgument, RewriteError
-from ..latency import LatencyTable, OpSpec
-from ..ops import layer_of
-from ..progress import bar
-from ..report import count_macs, count_params
-from .allocation import LayerOptions, Option, allocate
-from .factorize import max_rank, paying_rank, residual_energy, spectral_errors
-from .report import LayerDecision, LowRankReport
-from .rewrite import Site, apply, factorised_reference, find_sites
+from fxcompress import meta
+from fxcompress.errors import InfeasibleBudget, InvalidArgument, RewriteError
+from fxcompress.graph.capture import capture, normalize_inputs, propagate_shapes
+from fxcompress.graph.ops import layer_of
+from fxcompress.graph.util import clone_tensors, compare_outputs
+from fxcompress.latency.table import LatencyTable, OpSpec
+from fxcompress.lowrank.allocation import LayerOptions, Option, allocate
+from fxcompress.lowrank.factorize import max_rank, paying_rank, residual_energy, spectral_errors
+from fxcompress.lowrank.report import LayerDecision, LowRankReport
+from fxcompress.lowrank.rewrite import Site, apply, factorised_reference, find_sites
+from fxcompress.progress import bar
+from fxcompress.report import count_macs, count_params
 
 __all__ = ["METHODS", "ErrorCache", "decompose", "rank_grid"]
 
@@ -460,7 +461,7 @@ def decompose(
         skipped=skipped,
         finetuned=finetune is not None,
     )
-    result.meta["fxcompress.lowrank"] = report
+    result.meta[meta.LOWRANK] = report
     return result
 
 
@@ -486,7 +487,7 @@ def _on(module: nn.Module, device: torch.device) -> bool:
 
 
 def _copy_to(gm: fx.GraphModule, device: torch.device) -> fx.GraphModule:
-    from .._graph import clone
+    from fxcompress.graph.util import clone
 
     return clone(gm).to(device)
 

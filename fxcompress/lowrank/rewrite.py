@@ -23,11 +23,11 @@ import torch
 from torch import fx, nn
 from torch.nn.utils import skip_init
 
-from .._graph import clone, finalize, install, is_unused, shape_of
-from ..kernels import ConvParams, LinearParams
-from ..ops import layer_of, module_call_counts
-from .factorize import factorize, reconstruct
-from .modules import GroupedLinear
+from fxcompress.graph.ops import layer_of, module_call_counts
+from fxcompress.graph.util import clone, finalize, install, is_unused, shape_of
+from fxcompress.lowrank.factorize import factorize, reconstruct
+from fxcompress.lowrank.modules import GroupedLinear
+from fxcompress.maths import ConvParams, LinearParams
 
 __all__ = ["Site", "apply", "factorised_reference", "find_sites"]
 
@@ -180,7 +180,7 @@ def apply(gm: fx.GraphModule, decisions: Mapping[str, tuple[int, int]]) -> fx.Gr
     """A copy of ``gm`` with the layer at each node ``decisions`` names replaced by its pair.
 
     ``decisions`` maps node names (:attr:`Site.node`) to ``(k, j)``. Shapes in ``node.meta`` of
-    the new nodes are not recorded (run :func:`fxcompress.capture.propagate_shapes`).
+    the new nodes are not recorded (run :func:`fxcompress.graph.capture.propagate_shapes`).
     """
     out = clone(gm)
     nodes = {n.name: n for n in out.graph.nodes}

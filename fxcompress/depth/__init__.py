@@ -1,0 +1,2 @@
+"""Depth compression (the LayerMerge method): analysis, segments, importance, the DP, relax,
+merge."""

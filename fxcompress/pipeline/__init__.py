@@ -1,0 +1,1 @@
+"""The pipeline behind :func:`fxcompress.optimize`: budget, plan, closed loop, trial selection."""
