@@ -15,8 +15,11 @@ from hypothesis import strategies as st
 from torch import nn
 
 from fxcompress.errors import InvalidArgument
-from fxcompress.latency import table as latency
-from fxcompress.latency.table import ACTIVATIONS, CACHE_FORMAT, LatencyTable, OpSpec, analytic_ms
+from fxcompress.latency.analytic import BYTES_PER_MS, MACS_PER_MS, OVERHEAD_MS, analytic_ms
+from fxcompress.latency.cache import CACHE_FORMAT
+from fxcompress.latency.measure import ForwardTimer
+from fxcompress.latency.spec import ACTIVATIONS, OpSpec
+from fxcompress.latency.table import SAVE_EVERY, LatencyTable
 
 LOGGER = "fxcompress.latency"
 
@@ -27,7 +30,7 @@ LINEAR = OpSpec("linear", (2, 32), out_channels=16)
 
 
 class FakeTimer:
-    """Stands in for ``latency._time_forward``: counts calls, returns 1, 2, 3, ... ms."""
+    """A table's ``timer=``: counts calls, returns 1, 2, 3, ... ms."""
 
     def __init__(self, fail_after: int | None = None) -> None:
         self.calls: list[tuple[int, ...]] = []
@@ -41,14 +44,13 @@ class FakeTimer:
 
 
 @pytest.fixture
-def timer(monkeypatch):
-    fake = FakeTimer()
-    monkeypatch.setattr(latency, "_time_forward", fake)
-    return fake
+def timer():
+    return FakeTimer()
 
 
-def forbid_timing(monkeypatch):
-    monkeypatch.setattr(latency, "_time_forward", FakeTimer(fail_after=0))
+def forbid_timing() -> FakeTimer:
+    """A timer for tables that must never time anything."""
+    return FakeTimer(fail_after=0)
 
 
 def tmp_files(directory):
@@ -340,25 +342,19 @@ def test_every_activation_builds_and_runs(activation):
 # flops mode
 
 
-def test_flops_mode_is_the_documented_formula_and_never_times(monkeypatch):
-    forbid_timing(monkeypatch)
-    table = LatencyTable(mode="flops")
+def test_flops_mode_is_the_documented_formula_and_never_times():
+    table = LatencyTable(mode="flops", timer=forbid_timing())
     ops = [CONV, ACT, ADD, LINEAR]
     values = table.many(ops)
     for op, ms in zip(ops, values):
-        expected = (
-            op.macs() / latency.MACS_PER_MS
-            + op.bytes_moved() / latency.BYTES_PER_MS
-            + latency.OVERHEAD_MS
-        )
+        expected = op.macs() / MACS_PER_MS + op.bytes_moved() / BYTES_PER_MS + OVERHEAD_MS
         assert ms == pytest.approx(expected)
         assert table(op) == ms == analytic_ms(op)
     assert analytic_ms(CONV) == pytest.approx(13824 / 2e7 + 3712 / 5e6 + 0.005)
 
 
-def test_flops_mode_is_monotonic_in_macs(monkeypatch):
-    forbid_timing(monkeypatch)
-    table = LatencyTable(mode="flops")
+def test_flops_mode_is_monotonic_in_macs():
+    table = LatencyTable(mode="flops", timer=forbid_timing())
     convs = [
         OpSpec("conv", (1, 16, 14, 14), out_channels=c, kernel_size=k, padding=k // 2)
         for c in (8, 16, 32)
@@ -385,17 +381,16 @@ def test_time_forward_loops_small_ops_and_takes_median():
     calls = []
     module = nn.Identity()
     module.register_forward_hook(lambda *_: calls.append(1))
-    ms = latency._time_forward(module, (torch.zeros(1),), repeats=3, warmup=2, sync=lambda: None)
+    ms = ForwardTimer()(module, (torch.zeros(1),), repeats=3, warmup=2, sync=lambda: None)
     assert ms > 0
     assert math.isfinite(ms)
     # warm-up, three calibration calls, then three runs of several calls each
     assert len(calls) > 2 + 3 + 3 * 2
 
 
-def test_time_forward_stops_slow_ops_early(monkeypatch):
+def test_time_forward_stops_slow_ops_early():
     """A slow op (a large batch) is timed for a bounded time, not ``repeats`` full calls."""
-    monkeypatch.setattr(latency, "_MAX_OP_S", 0.05)
-    monkeypatch.setattr(latency, "_MAX_WARMUP_S", 0.01)
+    timer = ForwardTimer(max_op_s=0.05, max_warmup_s=0.01)
     calls = []
 
     class Slow(nn.Module):
@@ -404,14 +399,14 @@ def test_time_forward_stops_slow_ops_early(monkeypatch):
             time.sleep(0.02)
             return x
 
-    ms = latency._time_forward(Slow(), (torch.zeros(1),), repeats=30, warmup=5, sync=lambda: None)
+    ms = timer(Slow(), (torch.zeros(1),), repeats=30, warmup=5, sync=lambda: None)
     assert ms >= 20
     # one warm-up call, three calibration calls, then the minimum of five timed runs
-    assert len(calls) == 1 + 3 + latency._MIN_REPEATS
+    assert len(calls) == 1 + 3 + timer.min_repeats
 
 
 def test_second_lookup_hits_memory(timer):
-    table = LatencyTable(repeats=3, warmup=1)
+    table = LatencyTable(timer=timer, repeats=3, warmup=1)
     first = table(CONV)
     timer.fail_after = len(timer.calls)
     assert table(CONV) == first
@@ -421,7 +416,7 @@ def test_second_lookup_hits_memory(timer):
 
 
 def test_many_measures_each_missing_op_once_in_order(timer):
-    table = LatencyTable(repeats=3, warmup=1)
+    table = LatencyTable(timer=timer, repeats=3, warmup=1)
     table(ACT)
     values = table.many([CONV, ACT, LINEAR, CONV, ADD])
     assert timer.calls == [ACT.input_shape, CONV.input_shape, LINEAR.input_shape, ADD.input_shape]
@@ -429,44 +424,42 @@ def test_many_measures_each_missing_op_once_in_order(timer):
 
 
 def test_many_shows_progress_when_asked(timer, capsys):
-    table = LatencyTable(progress=True)
+    table = LatencyTable(timer=timer, progress=True)
     table.many([CONV, ACT])
     assert "latency" in capsys.readouterr().err
-    LatencyTable(progress=False).many([CONV, ACT])
+    LatencyTable(timer=timer, progress=False).many([CONV, ACT])
     assert capsys.readouterr().err == ""
 
 
 def test_entries_view_is_read_only(timer):
-    table = LatencyTable()
+    table = LatencyTable(timer=timer)
     table(ACT)
     with pytest.raises(TypeError):
         table.entries["x"] = 1.0  # type: ignore[index]
     assert dict(table.entries) == {ACT.key(): 1.0}
 
 
-def test_threads_set_while_measuring_and_restored(monkeypatch):
+def test_threads_set_while_measuring_and_restored():
     seen = []
-    real = latency._time_forward
+    real = ForwardTimer()
 
     def spy(*args, **kwargs):
         seen.append(torch.get_num_threads())
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(latency, "_time_forward", spy)
     before = torch.get_num_threads()
     assert LatencyTable().threads == before
-    table = LatencyTable(threads=before + 1, repeats=1, warmup=0)
+    table = LatencyTable(threads=before + 1, repeats=1, warmup=0, timer=spy)
     table(ACT)
     table.measure_module(nn.ReLU(), (torch.zeros(3),))
     assert seen == [before + 1, before + 1]
     assert torch.get_num_threads() == before
 
 
-def test_threads_restored_when_timing_fails(monkeypatch):
-    monkeypatch.setattr(latency, "_time_forward", FakeTimer(fail_after=0))
+def test_threads_restored_when_timing_fails():
     before = torch.get_num_threads()
     with pytest.raises(RuntimeError, match="must not be called"):
-        LatencyTable(threads=before + 1)(ACT)
+        LatencyTable(threads=before + 1, timer=FakeTimer(fail_after=0))(ACT)
     assert torch.get_num_threads() == before
 
 
@@ -498,13 +491,13 @@ def test_measure_module_rejects_bad_arguments():
 
 
 def test_cache_persists_across_instances(tmp_path, timer):
-    first = LatencyTable(cache_dir=tmp_path)
+    first = LatencyTable(timer=timer, cache_dir=tmp_path)
     values = first.many([CONV, ACT])
     assert first.cache_path is not None
     assert first.cache_path.parent == tmp_path
     assert first.cache_path.name.startswith("latency-")
     timer.fail_after = len(timer.calls)
-    second = LatencyTable(cache_dir=tmp_path)
+    second = LatencyTable(timer=timer, cache_dir=tmp_path)
     assert second.many([CONV, ACT]) == values
     data = json.loads(first.cache_path.read_text())
     assert data["format"] == CACHE_FORMAT
@@ -514,26 +507,25 @@ def test_cache_persists_across_instances(tmp_path, timer):
 
 
 def test_cache_file_depends_on_environment(tmp_path, timer):
-    a = LatencyTable(cache_dir=tmp_path, threads=1)
-    b = LatencyTable(cache_dir=tmp_path, threads=2)
+    a = LatencyTable(timer=timer, cache_dir=tmp_path, threads=1)
+    b = LatencyTable(timer=timer, cache_dir=tmp_path, threads=2)
     assert a.cache_path != b.cache_path
     a(ACT)
-    LatencyTable(cache_dir=tmp_path, threads=2)(ACT)
+    LatencyTable(timer=timer, cache_dir=tmp_path, threads=2)(ACT)
     assert len(timer.calls) == 2  # threads=2 did not reuse the threads=1 value
     assert a.env["torch"] == torch.__version__
     assert a.env["device"] == "cpu"
 
 
-def test_flops_mode_ignores_cache_dir(tmp_path, monkeypatch):
-    forbid_timing(monkeypatch)
-    table = LatencyTable(mode="flops", cache_dir=tmp_path / "cache")
+def test_flops_mode_ignores_cache_dir(tmp_path):
+    table = LatencyTable(mode="flops", cache_dir=tmp_path / "cache", timer=forbid_timing())
     assert table.cache_path is None
     table.many([CONV, ACT])
     assert not (tmp_path / "cache").exists()
     assert table.env["flops_model"] == {
-        "bytes_per_ms": latency.BYTES_PER_MS,
-        "macs_per_ms": latency.MACS_PER_MS,
-        "overhead_ms": latency.OVERHEAD_MS,
+        "bytes_per_ms": BYTES_PER_MS,
+        "macs_per_ms": MACS_PER_MS,
+        "overhead_ms": OVERHEAD_MS,
     }
 
 
@@ -542,13 +534,13 @@ def test_flops_mode_ignores_cache_dir(tmp_path, monkeypatch):
     [("torch", "0.0.1"), ("threads", 99), ("device", "cuda:0"), ("device_name", "Other CPU")],
 )
 def test_cache_from_another_environment_is_ignored(tmp_path, timer, caplog, field, value):
-    table = LatencyTable(cache_dir=tmp_path)
+    table = LatencyTable(timer=timer, cache_dir=tmp_path)
     env = {**table.env, field: value}
     table.cache_path.write_text(
         json.dumps({"format": CACHE_FORMAT, "env": env, "entries": {ACT.key(): 123.0}})
     )
     with caplog.at_level(logging.WARNING, logger=LOGGER):
-        fresh = LatencyTable(cache_dir=tmp_path)
+        fresh = LatencyTable(timer=timer, cache_dir=tmp_path)
     assert field in caplog.text
     assert str(table.cache_path) in caplog.text
     assert len(fresh.entries) == 0
@@ -574,13 +566,13 @@ def test_cache_from_another_environment_is_ignored(tmp_path, timer, caplog, fiel
     ],
 )
 def test_corrupted_cache_warns_and_is_rebuilt(tmp_path, timer, caplog, content):
-    path = LatencyTable(cache_dir=tmp_path).cache_path
+    path = LatencyTable(timer=timer, cache_dir=tmp_path).cache_path
     if isinstance(content, bytes):
         path.write_bytes(content)
     else:
         path.write_text(content)
     with caplog.at_level(logging.WARNING, logger=LOGGER):
-        table = LatencyTable(cache_dir=tmp_path)
+        table = LatencyTable(timer=timer, cache_dir=tmp_path)
     assert str(path) in caplog.text
     assert len(table.entries) == 0
     assert table(ACT) == 1.0
@@ -601,8 +593,8 @@ def test_invalid_cache_entries_are_dropped(tmp_path, caplog):
 
 
 def test_concurrent_tables_merge_entries(tmp_path, timer):
-    a = LatencyTable(cache_dir=tmp_path)
-    b = LatencyTable(cache_dir=tmp_path)  # created before a saved anything
+    a = LatencyTable(timer=timer, cache_dir=tmp_path)
+    b = LatencyTable(timer=timer, cache_dir=tmp_path)  # created before a saved anything
     x = a(CONV)
     y = b(ACT)
     data = json.loads(a.cache_path.read_text())
@@ -613,7 +605,7 @@ def test_concurrent_tables_merge_entries(tmp_path, timer):
 
 
 def test_failed_write_leaves_no_partial_file(tmp_path, timer, monkeypatch, caplog):
-    table = LatencyTable(cache_dir=tmp_path)
+    table = LatencyTable(timer=timer, cache_dir=tmp_path)
     table(ACT)
     before = table.cache_path.read_text()
 
@@ -630,22 +622,19 @@ def test_failed_write_leaves_no_partial_file(tmp_path, timer, monkeypatch, caplo
     assert tmp_files(tmp_path) == []
 
 
-def test_interrupted_many_resumes(tmp_path, monkeypatch):
+def test_interrupted_many_resumes(tmp_path):
     ops = [OpSpec("act", (1, n), activation="relu") for n in range(1, 13)]
-    monkeypatch.setattr(latency, "_time_forward", FakeTimer(fail_after=10))
     with pytest.raises(RuntimeError):
-        LatencyTable(cache_dir=tmp_path).many(ops)
+        LatencyTable(cache_dir=tmp_path, timer=FakeTimer(fail_after=10)).many(ops)
     resumed = FakeTimer()
-    monkeypatch.setattr(latency, "_time_forward", resumed)
-    table = LatencyTable(cache_dir=tmp_path)
+    table = LatencyTable(cache_dir=tmp_path, timer=resumed)
     assert len(table.entries) == 10
     table.many(ops)
     assert resumed.calls == [(1, 11), (1, 12)]
 
 
-def test_many_saves_every_few_values(tmp_path, monkeypatch):
+def test_many_saves_every_few_values(tmp_path):
     # progress reaches the disk while many() runs, not only on the way out (a killed process)
-    table = LatencyTable(cache_dir=tmp_path)
     on_disk = []
 
     def spying_timer(*args, **kwargs):
@@ -653,15 +642,15 @@ def test_many_saves_every_few_values(tmp_path, monkeypatch):
         on_disk.append(len(json.loads(path.read_text())["entries"]) if path.exists() else 0)
         return 1.0
 
-    monkeypatch.setattr(latency, "_time_forward", spying_timer)
-    every = latency._SAVE_EVERY
+    table = LatencyTable(cache_dir=tmp_path, timer=spying_timer)
+    every = SAVE_EVERY
     table.many([OpSpec("add", (n,)) for n in range(1, every + 3)])
     assert on_disk == [0] * every + [every, every]
     assert len(json.loads(table.cache_path.read_text())["entries"]) == every + 2
 
 
 def test_save_and_load_round_trip(tmp_path, timer):
-    table = LatencyTable(threads=1)
+    table = LatencyTable(timer=timer, threads=1)
     table.many([CONV, ACT])
     path = table.save(tmp_path / "sub" / "table.json")
     loaded = LatencyTable.load(path)
@@ -712,6 +701,7 @@ def test_load_rejects_bad_files(tmp_path, content):
         ({"warmup": -1}, "-1"),
         ({"progress": "yes"}, "'yes'"),
         ({"cache_dir": 5}, "5 of type int"),
+        ({"timer": 5}, "5 of type int"),
     ],
 )
 def test_invalid_table_arguments(kwargs, shown):
@@ -747,14 +737,12 @@ def test_invalid_lookups():
 
 _WRITER = """
 import sys
-from fxcompress.latency import table as latency
-from fxcompress.latency.table import LatencyTable, OpSpec
+from fxcompress.latency import LatencyTable, OpSpec
 
 def fake(module, inputs, **kwargs):
     return float(inputs[0].shape[-1])  # the value is a function of the op: checkable
 
-latency._time_forward = fake
-table = LatencyTable(cache_dir=sys.argv[1], threads=1)
+table = LatencyTable(cache_dir=sys.argv[1], threads=1, timer=fake)
 for n in range(int(sys.argv[2]), int(sys.argv[2]) + 40):
     table(OpSpec("add", (1, n)))  # saves after every new value
 """
