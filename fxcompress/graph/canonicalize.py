@@ -2,7 +2,7 @@
 
 After :func:`canonicalize`:
 - every recognised activation is an out-of-place ``call_function`` of the functional in
-  :data:`fxcompress.graph.ops.ACTIVATIONS` with its non-default constants as keyword arguments
+  :data:`fxcompress.graph.recognise.ACTIVATIONS` with its non-default constants as keyword arguments
   (module, functional, method and in-place spellings alike), except an in-place call whose
   written tensor is observed elsewhere: read again later, directly or through a view
   (``y[:, :2].relu_()`` writes ``y``), or owned by the caller (a graph input, a buffer);
@@ -17,13 +17,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from fxcompress import meta
-from fxcompress.graph.ops import (
-    ActivationSpec,
-    activation_function,
-    activation_of,
-    aliases,
-    mutated_input,
-)
+from fxcompress.graph.aliasing import aliases, mutated_input
+from fxcompress.graph.recognise import ActivationSpec, activation_function, activation_of
 from fxcompress.graph.util import clone, finalize, topo_index
 
 __all__ = ["canonicalize"]

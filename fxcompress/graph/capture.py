@@ -38,7 +38,7 @@ from torch.nn.modules import module as _module_globals
 from fxcompress import meta
 from fxcompress.errors import CaptureError, InvalidArgument
 from fxcompress.graph.modules import Pad
-from fxcompress.graph.ops import module_call_counts
+from fxcompress.graph.recognise import module_call_counts
 from fxcompress.graph.util import clone_tensors, compare_outputs
 
 __all__ = ["Hooked", "capture", "forward_hooks", "normalize_inputs", "propagate_shapes"]

@@ -11,7 +11,7 @@ import torch
 from torch import fx, nn
 
 from fxcompress.errors import RewriteError
-from fxcompress.graph.ops import mutated_input
+from fxcompress.graph.aliasing import mutated_input
 
 __all__ = [
     "clone",
