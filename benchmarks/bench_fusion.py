@@ -33,7 +33,7 @@ import digits
 import tiny_lm
 
 from fxcompress.errors import InfeasibleBudget
-from fxcompress.fusion.pipeline import fuse
+from fxcompress.fusion import fuse
 
 RESULTS = Path(__file__).parent / "results"
 CACHE = Path(__file__).parent / ".cache"

@@ -102,7 +102,7 @@ class Budget:
         return float(self.latency_ms) / original_ms
 
 
-def as_budget(budget: Any, *, bare: str = "fraction") -> Budget:
+def as_budget(budget: Any, *, bare: str = "fraction", what: str | None = None) -> Budget:
     """``budget`` as a :class:`Budget`: itself, a mapping of one field, or a bare number.
 
     Parameters
@@ -112,6 +112,9 @@ def as_budget(budget: Any, *, bare: str = "fraction") -> Budget:
         ``{"macs": 0.5}`` means ``Budget(macs=0.5)`` (``"latency"`` is an alias of ``"fraction"``).
     bare : {"fraction", "params", "macs"}
         What a bare number means to the caller's method.
+    what : str, optional
+        How errors describe a bare number (default: from ``bare``, e.g. "a fraction of the
+        parameters to keep").
 
     Raises
     ------
@@ -137,7 +140,7 @@ def as_budget(budget: Any, *, bare: str = "fraction") -> Budget:
                 f"a budget mapping gives exactly one of {FIELDS}, got {dict(budget)!r:.80}"
             )
         return Budget(**items)
-    what = _BARE[bare]
+    what = what or _BARE[bare]
     if isinstance(budget, bool) or not isinstance(budget, (int, float)):
         raise InvalidArgument(
             f"budget must be a number in (0, 1] ({what}), a mapping like {{'macs': 0.5}} or a "

@@ -5,17 +5,18 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Protocol, runtime_checkable
 
 from torch import fx, nn
 
+from fxcompress.budget import FIELDS, Budget
 from fxcompress.graph.capture import Hooked
 
-__all__ = ["Report", "count_macs", "count_params"]
+__all__ = ["MethodReport", "Report", "count_macs", "count_params", "known_fields"]
 
 #: the ways a budget can be stated (the fields of :class:`fxcompress.Budget`)
-TARGETS = ("fraction", "latency_ms", "speedup", "params", "macs")
+TARGETS = FIELDS
 
 #: why a part of the graph is left as it is (:attr:`fxcompress.Analysis.kept` reasons, explained)
 _WHY_KEPT = {
@@ -39,11 +40,49 @@ def _finite(value: Any) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
+@runtime_checkable
+class MethodReport(Protocol):
+    """The report protocol: what every method leaves under ``gm.meta[meta.<KEY>]``.
+
+    :class:`Report` (``optimize``), :class:`~fxcompress.lowrank.LowRankReport`,
+    :class:`~fxcompress.collapse.CollapseReport` and :class:`~fxcompress.fusion.FusionReport`
+    follow it: ``to_dict()`` gives JSON-able data, ``from_dict(d)`` rebuilds the report from it
+    (keys it does not know are ignored, so derived entries such as ``"ratio"`` may stay in ``d``)
+    and ``to_markdown()`` renders it for people. See :mod:`fxcompress.method`.
+
+    Examples
+    --------
+    >>> isinstance(Report(budget=0.5), MethodReport)
+    True
+    >>> Report.from_dict(Report(budget=0.5).to_dict()).budget
+    0.5
+    """
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> MethodReport: ...
+
+    def to_markdown(self) -> str: ...
+
+
+def known_fields(cls: type, d: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of ``d`` that name fields of the dataclass ``cls`` (for ``from_dict``).
+
+    Examples
+    --------
+    >>> known_fields(Budget, {"params": 0.5, "ratio": 1.0})
+    {'params': 0.5}
+    """
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in d.items() if k in names}
+
+
 def _target_of(budget: Any) -> dict[str, float]:
     """``{name: value}`` of a :class:`fxcompress.Budget`, its ``asdict`` or a plain fraction."""
     if isinstance(budget, Mapping):
         items = budget.items()
-    elif all(hasattr(budget, name) for name in TARGETS):  # a Budget (duck-typed: no api import)
+    elif isinstance(budget, Budget):
         items = ((name, getattr(budget, name)) for name in TARGETS)
     else:
         value = _finite(budget)
@@ -166,8 +205,7 @@ class Report:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Report:
         """A report from :meth:`to_dict` (or a saved ``.report.json``); unknown keys are ignored."""
-        fields = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in d.items() if k in fields})
+        return cls(**known_fields(cls, d))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fxcompress.graph.ops import ACTIVATIONS
+from fxcompress.graph.recognise import ACTIVATIONS
 from fxcompress.maths import (
     ConvParams,
     LinearParams,
@@ -86,7 +86,7 @@ class Blend(nn.Module):
     Parameters
     ----------
     activation : str
-        A canonical activation name of :data:`fxcompress.graph.ops.ACTIVATIONS`.
+        A canonical activation name of :data:`fxcompress.graph.recognise.ACTIVATIONS`.
     kwargs : dict
         Its constant keyword arguments (e.g. ``{"approximate": "tanh"}`` for GELU).
     slope : float

@@ -27,7 +27,7 @@ import torch
 from torch import fx, nn
 
 from fxcompress.fusion.blocks import Block, is_elementwise
-from fxcompress.graph.ops import batchnorm_of, single_user
+from fxcompress.graph.recognise import batchnorm_of, single_user
 
 __all__ = ["HiddenSpace", "align_block", "hidden_spaces", "linear_sum_assignment"]
 

@@ -29,7 +29,7 @@ from typing import Any
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fxcompress.graph.ops import activation_of, is_add, module_call_counts
+from fxcompress.graph.recognise import activation_of, is_add, module_call_counts
 from fxcompress.graph.util import shape_of
 
 __all__ = ["Block", "Blocks", "find_blocks"]

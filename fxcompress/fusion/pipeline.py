@@ -23,32 +23,36 @@ keeps them tied.
 
 The budget is the fraction of the model's unique parameters to keep
 (``sum(p.numel() for p in model.parameters())``, which counts a shared parameter once).
+
+Modules: :mod:`.blocks` (repeated blocks and their roles), :mod:`.align` (weight matching),
+:mod:`.similarity`, :mod:`.schedule` (candidate pairs and the greedy choice), :mod:`.rewrite`
+(share / drop surgery), :mod:`.pipeline` (``fuse``), :mod:`.report`.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
-import math
-from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
-import torch
 from torch import fx, nn
 
 from fxcompress import meta
+from fxcompress.budget import Budget, as_budget
 from fxcompress.data import inputs_for
 from fxcompress.errors import InfeasibleBudget, InvalidArgument, RewriteError
 from fxcompress.fusion.align import align_block
-from fxcompress.fusion.blocks import Block, Blocks, attr, find_blocks
-from fxcompress.fusion.similarity import linear_cka, record, weight_cosine
+from fxcompress.fusion.blocks import find_blocks
+from fxcompress.fusion.report import Fusion, FusionReport
+from fxcompress.fusion.rewrite import drop, share
+from fxcompress.fusion.schedule import candidates, choose, max_saving, scores
 from fxcompress.graph.capture import capture, propagate_shapes
 from fxcompress.graph.util import finalize
+from fxcompress.method import deliver
 from fxcompress.progress import bar
 from fxcompress.report import count_params
 
-__all__ = ["Block", "Blocks", "Fusion", "FusionReport", "find_blocks", "fuse"]
+__all__ = ["fuse"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,68 +61,9 @@ _MODES = ("share", "drop")
 _SIMILARITIES = ("weight", "cka")
 
 
-@dataclass(frozen=True)
-class Fusion:
-    """One fusion: ``members`` (block names) joined at ``slot`` (share) or as whole blocks."""
-
-    mode: str
-    role: str  # signature of the blocks' role
-    slot: str | None  # qualified name of the kept module (share mode)
-    members: tuple[str, ...]
-    score: float
-    saved: int  # unique parameters saved
-
-
-@dataclass(frozen=True)
-class FusionReport:
-    """What :func:`fuse` did (in ``result.meta["fxcompress.fusion"]``)."""
-
-    mode: str
-    budget: float
-    similarity: str
-    steps: int
-    params_before: int
-    params_after: int
-    blocks_before: int
-    blocks_after: int
-    fusions: tuple[Fusion, ...] = ()
-    aligned_units: int = 0
-    skipped: tuple[tuple[str, str], ...] = field(default=())
-
-    @property
-    def ratio(self) -> float:
-        """Unique parameters after / before."""
-        return self.params_after / self.params_before if self.params_before else 1.0
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["ratio"] = self.ratio
-        return d
-
-    def to_markdown(self) -> str:
-        lines = [
-            f"# fxcompress fusion report ({self.mode})",
-            "",
-            f"- unique parameters: {self.params_before:,} -> {self.params_after:,} "
-            f"({self.ratio:.3f}; budget {self.budget:g})",
-            f"- residual blocks executed: {self.blocks_before} -> {self.blocks_after}",
-            f"- similarity: {self.similarity}; steps: {self.steps}; "
-            f"hidden units moved by alignment: {self.aligned_units}",
-        ]
-        if self.fusions:
-            lines += ["", "| members | slot | similarity | saved |", "|---|---|---|---|"]
-            lines += [
-                f"| {' + '.join(f.members)} | {f.slot or '(block)'} | {f.score:.3f} | {f.saved:,} |"
-                for f in self.fusions
-            ]
-        for name, why in self.skipped:
-            lines.append(f"- left as is: {name}: {why}")
-        return "\n".join(lines) + "\n"
-
-
 def fuse(
     model: nn.Module,
-    budget: float,
+    budget: float | Mapping[str, float] | Budget,
     *,
     mode: Mode = "share",
     data: Iterable[Any] | None = None,
@@ -136,8 +81,9 @@ def fuse(
     ----------
     model : torch.nn.Module
         The model (not modified).
-    budget : float
-        Fraction in (0, 1] of the model's unique parameters to keep.
+    budget : float, mapping or fxcompress.Budget
+        Fraction in (0, 1] of the model's unique parameters to keep: a bare number,
+        ``{"params": x}`` or ``Budget(params=x)`` (:func:`fxcompress.budget.as_budget`).
     mode : {"share", "drop"}
         ``"share"`` ties same-role layers (latency unchanged); ``"drop"`` replaces adjacent
         same-role blocks by one (depth and latency shrink).
@@ -196,7 +142,7 @@ def fuse(
     >>> dropped.meta["fxcompress.fusion"].blocks_after
     2
     """
-    budget = _check_budget(budget)
+    budget = _params_fraction(budget)
     if mode not in _MODES:
         raise InvalidArgument(f"mode must be one of {_MODES}, got mode={mode!r}")
     if similarity is None:
@@ -216,7 +162,7 @@ def fuse(
     gm = capture(model, inputs)
     before = count_params(gm)
     blocks_before = len(find_blocks(gm).blocks)
-    floor = before - _max_saving(gm, mode)
+    floor = before - max_saving(gm, mode)
     if budget * before * (1 + 1e-9) < floor:
         raise InfeasibleBudget(
             f"budget {budget:g} of {before:,} unique parameters is out of reach in {mode!r} "
@@ -240,139 +186,32 @@ def fuse(
                 retrain(gm)
                 gm.eval()
             pbar.update()
-    after = count_params(gm)
     dropped = sum(len(f.members) - 1 for f in fusions if f.mode == "drop")
-    gm.meta[meta.FUSION] = FusionReport(
+    report = FusionReport(
         mode=mode,
         budget=budget,
         similarity=similarity,
         steps=steps,
         params_before=before,
-        params_after=after,
+        params_after=count_params(gm),
         blocks_before=blocks_before,
         blocks_after=blocks_before - dropped,
         fusions=tuple(fusions),
         aligned_units=aligned,
         skipped=tuple(sorted(skipped.items())),
     )
-    return gm
+    return deliver(gm, meta.FUSION, report)
 
 
-def _check_budget(budget: Any) -> float:
-    if (
-        isinstance(budget, bool)
-        or not isinstance(budget, (int, float))
-        or not (math.isfinite(budget) and 0 < budget <= 1)
-    ):
+def _params_fraction(budget: Any) -> float:
+    """The budget as a fraction of the unique parameters (:func:`~fxcompress.budget.as_budget`)."""
+    b = as_budget(budget, bare="params", what="a fraction of the unique parameters to keep")
+    if b.params is None:
         raise InvalidArgument(
-            f"budget must be a fraction in (0, 1] of the unique parameters to keep, got "
-            f"budget={budget!r}"
+            f"budget must be a fraction in (0, 1] of the unique parameters to keep (a number, "
+            f"{{'params': x}} or Budget(params=x)); fusion cannot meet {b!r}"
         )
-    return float(budget)
-
-
-# --------------------------------------------------------------------------- candidates
-
-
-@dataclass(frozen=True)
-class _Pair:
-    role: str
-    slot: int | None  # share: slot index; drop: None
-    a: Block
-    b: Block
-    saved: int
-
-
-def _call_sites(gm: fx.GraphModule) -> dict[str, set[str]]:
-    sites: dict[str, set[str]] = {}
-    for n in gm.graph.nodes:
-        if n.op in ("call_module", "get_attr"):
-            sites.setdefault(str(n.target), set()).add(n.name)
-    return sites
-
-
-def _slot_numel(gm: fx.GraphModule, block: Block, k: int) -> int:
-    target = block.slots[k]
-    if block.slot_kinds[k] == "module":
-        return sum(p.numel() for p in gm.get_submodule(target).parameters())
-    value = attr(gm, target)
-    return value.numel() if isinstance(value, nn.Parameter) else 0
-
-
-def _pairs(gm: fx.GraphModule, mode: str, skipped: dict[str, str]) -> list[_Pair]:
-    """Every pair that may be fused, structure only (no scores)."""
-    found = find_blocks(gm)
-    pairs: list[_Pair] = []
-    sites = _call_sites(gm)
-    for role, blocks in found.groups().items():
-        if mode == "drop":
-            ordered = sorted(blocks, key=lambda b: (b.run, b.position))
-            for a, b in itertools.pairwise(ordered):
-                if (b.run, b.position) != (a.run, a.position + 1):
-                    continue
-                if not (a.private and b.private):
-                    skipped[b.name] = "parameters used outside the block: not dropped"
-                    continue
-                if not a.same_shape:
-                    skipped[b.name] = "changes the tensor shape: cannot be applied twice"
-                    continue
-                pairs.append(_Pair(role, None, a, b, b.params))
-            continue
-        inside = {n for b in blocks for n in b.nodes}
-        for k, kind in enumerate(blocks[0].slot_kinds):
-            if kind != "module":
-                skipped[f"{blocks[0].slots[k]}"] = "share mode ties modules, not get_attr tensors"
-                continue
-            eligible = []
-            for b in blocks:
-                if sites[b.slots[k]] <= inside:
-                    eligible.append(b)
-                else:
-                    skipped[b.slots[k]] = "also called outside its role's blocks: not shared"
-            numel = _slot_numel(gm, blocks[0], k)
-            if numel == 0:
-                continue
-            for i, a in enumerate(eligible):
-                for b in eligible[i + 1 :]:
-                    pairs.append(_Pair(role, k, a, b, numel))
-    return pairs
-
-
-def _max_saving(gm: fx.GraphModule, mode: str) -> int:
-    pairs = _pairs(gm, mode, {})
-    parent: dict[Any, Any] = {}
-    total = 0
-    for p in pairs:
-        ka, kb = _key(p, p.a, gm), _key(p, p.b, gm)
-        if _union(parent, ka, kb):
-            total += p.saved
-    return total
-
-
-def _key(pair: _Pair, block: Block, gm: fx.GraphModule) -> Any:
-    """Union-find key: in share mode the module (blocks already sharing it are one cluster)."""
-    if pair.slot is None:
-        return ("block", block.name)
-    return ("module", block.slots[pair.slot])
-
-
-def _find(parent: dict[Any, Any], x: Any) -> Any:
-    parent.setdefault(x, x)
-    while parent[x] != x:
-        parent[x] = parent[parent[x]]
-        x = parent[x]
-    return x
-
-
-def _union(parent: dict[Any, Any], a: Any, b: Any) -> bool:
-    ra, rb = _find(parent, a), _find(parent, b)
-    if ra == rb:
-        return False
-    parent[rb] = ra
-    return True
-
-
-# --------------------------------------------------------------------------- one step
+    return float(b.params)
 
 
 def _fuse_step(
@@ -391,45 +230,12 @@ def _fuse_step(
             for b in blocks[1:]:
                 if b.private:
                     moved += align_block(gm, blocks[0], b)
-    pairs = _pairs(gm, mode, skipped)
-    scores = _scores(gm, pairs, mode, similarity, data, calibration_batches)
-    order = sorted(range(len(pairs)), key=lambda i: (-scores[i], i))
-    parent: dict[Any, Any] = {}
-    current = count_params(gm)
-    chosen: list[tuple[_Pair, float]] = []
-
-    def take(i: int) -> None:
-        nonlocal current
-        p = pairs[i]
-        if _union(parent, _key(p, p.a, gm), _key(p, p.b, gm)):
-            chosen.append((p, scores[i]))
-            current -= p.saved
-
-    # most similar first, skipping fusions that would undershoot the budget ...
-    for i in order:
-        if current <= target:
-            break
-        p = pairs[i]
-        if current - p.saved >= target and _find(parent, _key(p, p.a, gm)) != _find(
-            parent, _key(p, p.b, gm)
-        ):
-            take(i)
-    # ... then, if still above it, the smallest fusion that reaches it (else the most similar)
-    while current > target:
-        live = [
-            i
-            for i in order
-            if _find(parent, _key(pairs[i], pairs[i].a, gm))
-            != _find(parent, _key(pairs[i], pairs[i].b, gm))
-        ]
-        if not live:
-            break
-        reaching = [i for i in live if current - pairs[i].saved <= target]
-        take(min(reaching, key=lambda i: pairs[i].saved) if reaching else live[0])
+    pairs = candidates(gm, mode, skipped)
+    rated = scores(gm, pairs, mode, similarity, data, calibration_batches)
+    chosen, parent, expected = choose(pairs, rated, count_params(gm), target)
     if not chosen:
         return gm, [], moved, skipped
-    expected = current
-    fusions = (_share if mode == "share" else _drop)(gm, chosen, parent)
+    fusions = (share if mode == "share" else drop)(gm, chosen, parent)
     finalize(gm)
     if count_params(gm) != expected:
         raise RewriteError(
@@ -437,153 +243,3 @@ def _fuse_step(
         )
     logger.info("fusion step: %d fusions, %d unique parameters", len(fusions), expected)
     return gm, fusions, moved, skipped
-
-
-def _scores(
-    gm: fx.GraphModule,
-    pairs: list[_Pair],
-    mode: str,
-    similarity: str,
-    data: Iterable[Any] | None,
-    calibration_batches: int,
-) -> list[float]:
-    if similarity == "weight":
-        return [weight_cosine(_tensors(gm, p.a, p.slot), _tensors(gm, p.b, p.slot)) for p in pairs]
-    assert data is not None
-    nodes = {n.name: n for n in gm.graph.nodes}
-    if mode == "drop":
-        names = {x for p in pairs for b in (p.a, p.b) for x in (b.input, b.output)}
-    else:
-        names = {_slot_node(p.a, p.slot, nodes) for p in pairs}
-        names |= {_slot_node(p.b, p.slot, nodes) for p in pairs}
-    acts = record(gm, names, data, batches=calibration_batches)
-    out = []
-    for p in pairs:
-        if mode == "drop":
-            da = acts[p.a.output] - acts[p.a.input]
-            db = acts[p.b.output] - acts[p.b.input]
-        else:
-            da = acts.get(_slot_node(p.a, p.slot, nodes))
-            db = acts.get(_slot_node(p.b, p.slot, nodes))
-            if da is None or db is None:  # not a tensor output: fall back to the weights
-                out.append(weight_cosine(_tensors(gm, p.a, p.slot), _tensors(gm, p.b, p.slot)))
-                continue
-        out.append(linear_cka(da, db))
-    return out
-
-
-def _slot_node(block: Block, slot: int | None, nodes: dict[str, fx.Node]) -> str:
-    assert slot is not None
-    target = block.slots[slot]
-    return next(
-        n for n in block.nodes if str(nodes[n].target) == target and nodes[n].op == "call_module"
-    )
-
-
-def _tensors(gm: fx.GraphModule, block: Block, slot: int | None) -> list[torch.Tensor]:
-    ks = range(len(block.slots)) if slot is None else [slot]
-    out: list[torch.Tensor] = []
-    for k in ks:
-        if block.slot_kinds[k] == "module":
-            out += list(gm.get_submodule(block.slots[k]).parameters())
-        else:
-            value = attr(gm, block.slots[k])
-            if isinstance(value, torch.Tensor):
-                out.append(value)
-    return out
-
-
-def _averaged(values: list[torch.Tensor]) -> torch.Tensor:
-    if not values[0].is_floating_point():
-        return values[0].clone()  # e.g. BatchNorm's num_batches_tracked: keep the first
-    mean = torch.stack([v.detach().double() for v in values]).mean(0)
-    return mean.to(values[0].dtype)
-
-
-def _average_into(modules: list[nn.Module], keep: nn.Module) -> None:
-    """Write the element-wise mean of ``modules``' parameters and buffers into ``keep``."""
-    with torch.no_grad():
-        for name, t in list(keep.named_parameters()) + list(keep.named_buffers()):
-            values = [
-                m.get_parameter(name) if isinstance(t, nn.Parameter) else m.get_buffer(name)
-                for m in modules
-            ]
-            t.copy_(_averaged(values))
-
-
-def _share(
-    gm: fx.GraphModule, chosen: list[tuple[_Pair, float]], parent: dict[Any, Any]
-) -> list[Fusion]:
-    """Tie every module of each cluster to its first-called member (weights: the mean)."""
-    targets: dict[Any, set[str]] = {}
-    for p, _ in chosen:
-        for b in (p.a, p.b):
-            key = _key(p, b, gm)
-            targets.setdefault(_find(parent, key), set()).add(key[1])
-    kept_of: dict[Any, str] = {}
-    for root, names in targets.items():
-        sites = [n for n in gm.graph.nodes if n.op == "call_module" and str(n.target) in names]
-        keep = str(sites[0].target)
-        kept_of[root] = keep
-        # one entry per call site: a module already shared by several blocks weighs more
-        _average_into([gm.get_submodule(str(n.target)) for n in sites], gm.get_submodule(keep))
-        for n in sites:
-            n.target = keep
-    return [
-        Fusion(
-            "share",
-            p.role,
-            kept_of[_find(parent, _key(p, p.a, gm))],
-            (p.a.name, p.b.name),
-            score,
-            p.saved,
-        )
-        for p, score in chosen
-    ]
-
-
-def _drop(
-    gm: fx.GraphModule, chosen: list[tuple[_Pair, float]], parent: dict[Any, Any]
-) -> list[Fusion]:
-    nodes = {n.name: n for n in gm.graph.nodes}
-    clusters: dict[Any, dict[str, Block]] = {}
-    for p, _ in chosen:
-        for b in (p.a, p.b):
-            clusters.setdefault(_find(parent, _key(p, b, gm)), {})[b.name] = b
-    fusions = []
-    doomed: list[fx.Node] = []
-    attrs: set[str] = set()
-    for members in clusters.values():
-        run = sorted(members.values(), key=lambda b: b.position)
-        keep = run[0]
-        for k, kind in enumerate(keep.slot_kinds):
-            if kind == "module":
-                _average_into(
-                    [gm.get_submodule(b.slots[k]) for b in run], gm.get_submodule(keep.slots[k])
-                )
-            else:
-                value = attr(gm, keep.slots[k])
-                with torch.no_grad():
-                    value.copy_(_averaged([attr(gm, b.slots[k]) for b in run]))
-                attrs.update(b.slots[k] for b in run[1:])
-        nodes[run[-1].output].replace_all_uses_with(nodes[keep.output])
-        doomed += [nodes[n] for b in run[1:] for n in b.nodes]
-        score = min(s for p, s in chosen if p.a.name in members and p.b.name in members)
-        fusions.append(
-            Fusion(
-                "drop",
-                keep.signature,
-                None,
-                tuple(b.name for b in run),
-                score,
-                sum(b.params for b in run[1:]),
-            )
-        )
-    index = {n: i for i, n in enumerate(gm.graph.nodes)}
-    for n in sorted(set(doomed), key=index.__getitem__, reverse=True):
-        gm.graph.erase_node(n)
-    used = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
-    for t in attrs - used:
-        owner, _, name = t.rpartition(".")
-        delattr(gm.get_submodule(owner) if owner else gm, name)
-    return fusions

@@ -15,7 +15,7 @@ from torch import fx, nn
 
 from fxcompress.errors import InfeasibleBudget, InvalidArgument
 from fxcompress.fusion.align import align_block, linear_sum_assignment
-from fxcompress.fusion.pipeline import find_blocks, fuse
+from fxcompress.fusion import find_blocks, fuse
 from fxcompress.fusion.similarity import linear_cka, weight_cosine
 from fxcompress.graph.capture import capture
 from fxcompress.testing import assert_equivalent
@@ -417,9 +417,10 @@ def test_modules_used_outside_their_block_are_left_alone():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"budget": 0.0}, "budget must be a fraction"),
-        ({"budget": 1.5}, "budget must be a fraction"),
-        ({"budget": True}, "budget must be a fraction"),
+        ({"budget": 0.0}, "budget must be .*a fraction of the unique parameters to keep"),
+        ({"budget": 1.5}, "budget must be .*a fraction of the unique parameters to keep"),
+        ({"budget": True}, "budget must be .*a fraction of the unique parameters to keep"),
+        ({"budget": {"speedup": 2.0}}, "fusion cannot meet"),
         ({"mode": "merge"}, "mode must be one of"),
         ({"similarity": "kl"}, "similarity must be one of"),
         ({"similarity": "cka"}, "needs calibration data"),
