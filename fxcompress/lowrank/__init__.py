@@ -6,7 +6,9 @@ layer so that the largest relative spectral error is as small as the budget allo
 uniform-rank and SVD-energy baselines go through the same rewrite. See ``docs/lowrank.md``.
 
 Modules: :mod:`.factorize` (tensor maths), :mod:`.allocation` (pure allocation),
-:mod:`.rewrite` (graph surgery), :mod:`.pipeline` (``decompose``), :mod:`.report`.
+:mod:`.rewrite` (graph surgery), :mod:`.pricing` (error tables and prices of the options),
+:mod:`.pipeline` (``decompose``), :mod:`.report`. ``collapse/`` and ``fusion/`` are layered the
+same way; every method follows the contract of :mod:`fxcompress.method`.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from fxcompress.lowrank.factorize import (
     spectral_errors,
 )
 from fxcompress.lowrank.modules import GroupedLinear
-from fxcompress.lowrank.pipeline import METHODS, ErrorCache, decompose, rank_grid
+from fxcompress.lowrank.pipeline import METHODS, decompose
+from fxcompress.lowrank.pricing import ErrorCache, rank_grid
 from fxcompress.lowrank.report import LayerDecision, LowRankReport
 from fxcompress.lowrank.rewrite import Site, find_sites
 

@@ -2,13 +2,16 @@
 
 The stages are those of the depth pipeline, on the low-rank pass::
 
-    capture -> find sites -> error tables (cached) -> costs -> allocate -> rewrite -> check
-            -> finetune (optional) -> report
+    capture -> find sites -> error tables and prices (:mod:`.pricing`) -> allocate -> rewrite
+            -> check -> finetune (optional) -> report
+
+It follows the method contract (:mod:`fxcompress.method`): the budget goes through
+``as_budget(budget, bare="params")``, the result is a new GraphModule in eval mode with its
+:class:`~.report.LowRankReport` under ``meta["fxcompress.lowrank"]``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -18,15 +21,17 @@ import torch
 from torch import fx, nn
 
 from fxcompress import meta
+from fxcompress.budget import as_budget
 from fxcompress.errors import InfeasibleBudget, InvalidArgument, RewriteError
 from fxcompress.graph.capture import capture, normalize_inputs, propagate_shapes
-from fxcompress.graph.ops import layer_of
+from fxcompress.graph.recognise import layer_of
 from fxcompress.graph.util import clone_tensors, compare_outputs
-from fxcompress.latency.table import LatencyTable, OpSpec
-from fxcompress.lowrank.allocation import LayerOptions, Option, allocate
-from fxcompress.lowrank.factorize import max_rank, paying_rank, residual_energy, spectral_errors
+from fxcompress.latency import LatencyTable
+from fxcompress.lowrank.allocation import Allocation, LayerOptions, allocate
+from fxcompress.lowrank.pricing import ErrorCache, Pricer, macs, options, params, rank_grid
 from fxcompress.lowrank.report import LayerDecision, LowRankReport
 from fxcompress.lowrank.rewrite import Site, apply, factorised_reference, find_sites
+from fxcompress.method import deliver
 from fxcompress.progress import bar
 from fxcompress.report import count_macs, count_params
 
@@ -38,213 +43,17 @@ METHODS = ("alds", "uniform", "energy")
 METRICS = ("params", "macs", "latency")
 
 
-class ErrorCache:
-    """Exact spectral errors and SVD energies per weight, reusable across :func:`decompose` calls.
-
-    Entries are keyed by the weight's bytes, shape and dtype, so a cache can be shared by calls
-    on the same model at several budgets and methods (each table is computed once).
-
-    Examples
-    --------
-    >>> cache = ErrorCache()
-    >>> w = torch.diag(torch.tensor([2.0, 1.0]))
-    >>> cache.errors(w, 1, [1]), len(cache)
-    ((0.5,), 1)
-    """
-
-    def __init__(self) -> None:
-        self._errors: dict[tuple[str, int], dict[int, float]] = {}
-        self._energy: dict[str, tuple[float, ...]] = {}
-
-    def __len__(self) -> int:
-        return len(self._errors) + len(self._energy)
-
-    @staticmethod
-    def _key(weight: torch.Tensor) -> str:
-        raw = weight.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes()
-        return f"{tuple(weight.shape)}:{weight.dtype}:{hashlib.sha1(raw).hexdigest()}"
-
-    def errors(self, weight: torch.Tensor, k: int, ranks: Sequence[int]) -> tuple[float, ...]:
-        """:func:`~.factorize.spectral_errors`, computing only the ranks not seen before."""
-        table = self._errors.setdefault((self._key(weight), k), {})
-        todo = sorted({int(j) for j in ranks} - table.keys())
-        if todo:
-            table.update(zip(todo, spectral_errors(weight, k, todo)))
-        return tuple(table[int(j)] for j in ranks)
-
-    def energy(self, weight: torch.Tensor) -> tuple[float, ...]:
-        """:func:`~.factorize.residual_energy`, cached."""
-        key = self._key(weight)
-        if key not in self._energy:
-            self._energy[key] = residual_energy(weight)
-        return self._energy[key]
-
-
-def rank_grid(top: int, n: int) -> tuple[int, ...]:
-    """Candidate ranks ``1 .. top``: all of them if ``top <= n``, else about ``n`` of them.
-
-    The subset mixes an even and a geometric spacing (fine steps at low rank, where the error
-    changes fastest) and always contains 1 and ``top``.
-
-    Examples
-    --------
-    >>> rank_grid(5, 8)
-    (1, 2, 3, 4, 5)
-    >>> g = rank_grid(500, 16)
-    >>> g[0], g[-1], len(g) <= 16
-    (1, 500, True)
-    """
-    if top <= n:
-        return tuple(range(1, top + 1))
-    half = n // 2
-    lin = [1 + round(i * (top - 1) / max(n - half - 1, 1)) for i in range(n - half)]
-    geo = [round(top ** (i / (half - 1))) for i in range(half)] if half > 1 else []
-    return tuple(sorted({1, top, *lin, *geo}))
-
-
-def _divisors(n: int, cap: int) -> list[int]:
-    return [d for d in range(1, min(n, cap) + 1) if n % d == 0]
-
-
-def _resolve_budget(budget: Any) -> tuple[str, float | None, float | None]:
-    """``(metric, fraction, latency_ms)`` from a float, a mapping or a ``fxcompress.Budget``."""
-    if isinstance(budget, (int, float)) and not isinstance(budget, bool):
-        items: dict[str, Any] = {"params": budget}
-    elif isinstance(budget, Mapping):
-        items = dict(budget)
-    elif all(hasattr(budget, a) for a in ("fraction", "latency_ms", "speedup")):
-        items = {
-            name: getattr(budget, name, None)
-            for name in ("params", "macs", "fraction", "latency_ms", "speedup")
-        }
-        items = {k: v for k, v in items.items() if v is not None}
-        if "fraction" in items:
-            items["latency"] = items.pop("fraction")
-        if "speedup" in items:
-            items["latency"] = 1.0 / float(items.pop("speedup"))
-    else:
-        raise InvalidArgument(
-            f"budget must be a fraction of the parameters in (0, 1], a mapping like "
-            f"{{'macs': 0.5}}, or a fxcompress.Budget, got budget={budget!r:.80} "
-            f"(type={type(budget).__name__})"
-        )
-    allowed = (*METRICS, "latency_ms")
-    if len(items) != 1 or next(iter(items)) not in allowed:
-        raise InvalidArgument(f"budget must give exactly one of {allowed}, got {items or 'none'}")
-    ((name, value),) = items.items()
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not (math.isfinite(value) and value > 0)
-        or (name != "latency_ms" and value > 1)
-    ):
-        what = "a positive number of milliseconds" if name == "latency_ms" else "in (0, 1]"
-        raise InvalidArgument(f"budget {name} must be {what}, got {name}={value!r}")
-    if name == "latency_ms":
-        return "latency", None, float(value)
-    return name, float(value), None
-
-
-# --------------------------------------------------------------------------- costs
-
-
-def _dense_spec(site: Site) -> OpSpec:
-    f = site.weight_shape[0]
-    if site.kind == "linear":
-        return OpSpec("linear", site.input_shape, site.dtype, out_channels=f, bias=site.bias)
-    return OpSpec(
-        "conv", site.input_shape, site.dtype, out_channels=f, kernel_size=site.weight_shape[2:],
-        stride=site.stride, padding=site.padding, dilation=site.dilation, bias=site.bias,
-    )  # fmt: skip
-
-
-def _pair_specs(site: Site, k: int, j: int) -> tuple[OpSpec, OpSpec]:
-    f, c = site.weight_shape[:2]
-    if site.kind == "linear":
-        lead = site.input_shape[:-1]
-        if k == 1:
-            enc = OpSpec("linear", site.input_shape, site.dtype, out_channels=j, bias=False)
-        else:  # priced as the grouped 1x1 conv it equals
-            enc = OpSpec(
-                "conv", (math.prod(lead), c, 1), site.dtype, out_channels=k * j, kernel_size=1,
-                groups=k, bias=False,
-            )  # fmt: skip
-        dec = OpSpec("linear", (*lead, k * j), site.dtype, out_channels=f, bias=site.bias)
-        return enc, dec
-    enc = OpSpec(
-        "conv", site.input_shape, site.dtype, out_channels=k * j,
-        kernel_size=site.weight_shape[2:], stride=site.stride, padding=site.padding,
-        dilation=site.dilation, groups=k, bias=False,
-    )  # fmt: skip
-    mid = (site.output_shape[0], k * j, *site.output_shape[2:])
-    dec = OpSpec("conv", mid, site.dtype, out_channels=f, kernel_size=1, bias=site.bias)
-    return enc, dec
-
-
-def _weights(site: Site, k: int, j: int) -> int:
-    """Weights of the pair (``k == 0``: of the dense layer), without the bias."""
-    f, c, *kernel = site.weight_shape
-    m = c * math.prod(kernel)
-    return f * m if k == 0 else j * (m + k * f)
-
-
-def _params(site: Site, k: int, j: int) -> int:
-    return _weights(site, k, j) + (site.weight_shape[0] if site.bias else 0)
-
-
-def _macs(site: Site, k: int, j: int) -> int:
-    return site.positions * _weights(site, k, j)
-
-
-class _Pricer:
-    def __init__(self, metric: str, table: LatencyTable | None) -> None:
-        self.metric = metric
-        self.table = table
-
-    def __call__(self, site: Site, k: int, j: int) -> float:
-        if self.metric == "params":
-            return float(_params(site, k, j))
-        if self.metric == "macs":
-            return float(_macs(site, k, j))
-        assert self.table is not None
-        if k == 0:
-            return self.table(_dense_spec(site))
-        return sum(self.table.many(_pair_specs(site, k, j)))
-
-
-# --------------------------------------------------------------------------- options
-
-
-def _options(
-    site: Site,
-    weight: torch.Tensor,
-    method: str,
-    *,
-    cache: ErrorCache,
-    price: _Pricer,
-    max_groups: int,
-    ranks: int,
-) -> LayerOptions:
-    c = site.weight_shape[1]
-    ks = [1] if method != "alds" else _divisors(c, max_groups)
-    options: list[Option] = []
-    for k in ks:
-        top = paying_rank(site.weight_shape, k)
-        if top < 1:
-            continue
-        grid = rank_grid(top, ranks)
-        if method == "alds":
-            keys = [-e for e in cache.errors(weight, k, grid)]
-        elif method == "uniform":
-            keys = [j / max_rank(site.weight_shape, k) for j in grid]
-        else:
-            energy = cache.energy(weight)
-            keys = [-energy[j] for j in grid]
-        options += [Option(k, j, key, price(site, k, j)) for j, key in zip(grid, keys)]
-    return LayerOptions(site.node, price(site, 0, 0), tuple(options))
-
-
-# --------------------------------------------------------------------------- entry point
+def _budget_of(budget: Any) -> tuple[str, float | None, float | None]:
+    """``(metric, fraction, latency_ms)`` of a budget, read by :func:`~fxcompress.as_budget`
+    (a bare number is a fraction of the parameters; ``{"latency": x}`` a latency fraction)."""
+    b = as_budget(budget, bare="params")
+    if b.params is not None:
+        return "params", float(b.params), None
+    if b.macs is not None:
+        return "macs", float(b.macs), None
+    if b.latency_ms is not None:
+        return "latency", None, float(b.latency_ms)
+    return "latency", b.fraction_of(math.nan), None
 
 
 def _check_args(method: str, max_groups: int, ranks: int) -> None:
@@ -369,29 +178,24 @@ def decompose(
     _check_args(method, max_groups, ranks)
     if not isinstance(model, nn.Module):
         raise InvalidArgument(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    metric, fraction, latency_ms = _resolve_budget(budget)
+    metric, fraction, latency_ms = _budget_of(budget)
     inputs = normalize_inputs(example_inputs)
     table = _latency_table(latency, device, model) if metric == "latency" else None
     cache = cache if cache is not None else ErrorCache()
     gm = capture(model, inputs, leaf_modules=leaf_modules, check=check)
-    sites, skipped = find_sites(gm)
-    excluded = tuple(s for s in sites if _excluded(s.name, exclude))
-    sites = tuple(s for s in sites if s not in excluded)
-    skipped = skipped + tuple((s.name, "excluded by the caller") for s in excluded)
-    weights = {n.name: layer_of(gm, n) for n in gm.graph.nodes if n.name in {s.node for s in sites}}
-    price = _Pricer(metric, table)
-
-    menus: list[LayerOptions] = []
+    sites, skipped = _candidates(gm, exclude)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    weights = {s.node: layer_of(gm, nodes[s.node]).weight for s in sites}  # type: ignore[union-attr]
+    price = Pricer(metric, table)
     with bar(total=len(sites), desc="low-rank tables", enabled=progress) as pbar:
+        menus = []
         for site in sites:
-            w = weights[site.node].weight  # type: ignore[union-attr]
             kw = {"cache": cache, "price": price, "max_groups": max_groups, "ranks": ranks}
-            menus.append(_options(site, w, method, **kw))
+            menus.append(options(site, weights[site.node], method, **kw))
             pbar.update()
 
-    functional_macs = sum(_macs(s, 0, 0) for s in sites if s.functional)
     params_before = count_params(gm)
-    macs_before = count_macs(gm) + functional_macs
+    macs_before = count_macs(gm) + sum(macs(s, 0, 0) for s in sites if s.functional)
     dense_total = sum(m.dense for m in menus)
     if metric == "params":
         total = float(params_before)
@@ -401,19 +205,9 @@ def decompose(
         total = max(_measure(table, gm, inputs), dense_total)
     else:
         total = dense_total
-    if latency_ms is not None:
-        fraction = latency_ms / total
+    fraction = latency_ms / total if latency_ms is not None else fraction
     assert fraction is not None
-    try:
-        alloc = allocate(menus, fraction * total, fixed=total - dense_total)
-    except InfeasibleBudget as exc:
-        least = exc.minimum / total
-        raise InfeasibleBudget(
-            f"a {metric} budget of {fraction:g} is below the smallest reachable with "
-            f"method={method!r}, {least:.4f} of the original (other layers and skipped parts "
-            f"count too; raise max_groups or ranks to go lower)",
-            minimum=least,
-        ) from None
+    alloc = _allocate(menus, fraction, total, dense_total, metric, method)
     decisions = {s.node: (o.k, o.j) for s, o in zip(sites, alloc.choices) if o is not None}
     logger.info("low-rank %s: %d of %d layers decomposed", method, len(decisions), len(sites))
 
@@ -421,25 +215,7 @@ def decompose(
     propagate_shapes(result, inputs)
     if check:
         _check_against_reference(gm, result, decisions, inputs)
-
-    layers = []
-    for site, option in zip(sites, alloc.choices):
-        w = weights[site.node].weight  # type: ignore[union-attr]
-        k, j = (option.k, option.j) if option is not None else (0, 0)
-        error = cache.errors(w, k, [j])[0] if option is not None else 0.0
-        note = "" if option is not None else _dense_note(menus[sites.index(site)])
-        ms = (price(site, 0, 0), price(site, k, j)) if metric == "latency" else (None, None)
-        layers.append(
-            LayerDecision(
-                name=site.name, node=site.node, kind=site.kind, weight_shape=site.weight_shape,
-                k=k, j=j, error=error, params_before=_params(site, 0, 0),
-                params_after=_params(site, k, j), macs_before=_macs(site, 0, 0),
-                macs_after=_macs(site, k, j), ms_before=ms[0], ms_after=ms[1], note=note,
-            )
-        )  # fmt: skip
-    saved_params = sum(d.params_before - d.params_after for d in layers)
-    saved_macs = sum(d.macs_before - d.macs_after for d in layers)
-
+    layers = _decisions(sites, menus, alloc, weights, cache, price if table else None)
     if finetune is not None:
         finetune(result)
         result.eval()
@@ -449,20 +225,80 @@ def decompose(
         fraction=float(fraction),
         before=total,
         after=alloc.cost,
-        level=(-alloc.level if method != "uniform" else alloc.level)
-        if math.isfinite(alloc.level)
-        else 0.0,
+        level=_level(alloc, method),
         max_error=max((d.error for d in layers), default=0.0),
         params_before=params_before,
-        params_after=params_before - saved_params,
+        params_after=params_before - sum(d.params_before - d.params_after for d in layers),
         macs_before=macs_before,
-        macs_after=macs_before - saved_macs,
+        macs_after=macs_before - sum(d.macs_before - d.macs_after for d in layers),
         layers=tuple(layers),
         skipped=skipped,
         finetuned=finetune is not None,
     )
-    result.meta[meta.LOWRANK] = report
-    return result
+    return deliver(result, meta.LOWRANK, report)
+
+
+def _candidates(
+    gm: fx.GraphModule, exclude: Sequence[str]
+) -> tuple[tuple[Site, ...], tuple[tuple[str, str], ...]]:
+    """The sites to decompose and the ``(name, reason)`` of the layers left as they are."""
+    sites, skipped = find_sites(gm)
+    excluded = tuple(s for s in sites if _excluded(s.name, exclude))
+    sites = tuple(s for s in sites if s not in excluded)
+    return sites, skipped + tuple((s.name, "excluded by the caller") for s in excluded)
+
+
+def _allocate(
+    menus: list[LayerOptions],
+    fraction: float,
+    total: float,
+    dense_total: float,
+    metric: str,
+    method: str,
+) -> Allocation:
+    """:func:`.allocate` at ``fraction * total``; an unreachable budget names the minimum."""
+    try:
+        return allocate(menus, fraction * total, fixed=total - dense_total)
+    except InfeasibleBudget as exc:
+        least = exc.minimum / total
+        raise InfeasibleBudget(
+            f"a {metric} budget of {fraction:g} is below the smallest reachable with "
+            f"method={method!r}, {least:.4f} of the original (other layers and skipped parts "
+            f"count too; raise max_groups or ranks to go lower)",
+            minimum=least,
+        ) from None
+
+
+def _level(alloc: Allocation, method: str) -> float:
+    if not math.isfinite(alloc.level):
+        return 0.0
+    return -alloc.level if method != "uniform" else alloc.level
+
+
+def _decisions(
+    sites: Sequence[Site],
+    menus: Sequence[LayerOptions],
+    alloc: Allocation,
+    weights: Mapping[str, torch.Tensor],
+    cache: ErrorCache,
+    latency: Pricer | None,
+) -> list[LayerDecision]:
+    """One :class:`LayerDecision` per site (``latency``: the pricer of a latency budget)."""
+    layers = []
+    for site, option, menu in zip(sites, alloc.choices, menus):
+        k, j = (option.k, option.j) if option is not None else (0, 0)
+        error = cache.errors(weights[site.node], k, [j])[0] if option is not None else 0.0
+        note = "" if option is not None else _dense_note(menu)
+        ms = (latency(site, 0, 0), latency(site, k, j)) if latency else (None, None)
+        layers.append(
+            LayerDecision(
+                name=site.name, node=site.node, kind=site.kind, weight_shape=site.weight_shape,
+                k=k, j=j, error=error, params_before=params(site, 0, 0),
+                params_after=params(site, k, j), macs_before=macs(site, 0, 0),
+                macs_after=macs(site, k, j), ms_before=ms[0], ms_after=ms[1], note=note,
+            )
+        )  # fmt: skip
+    return layers
 
 
 def _excluded(name: str, exclude: Sequence[str]) -> bool:

@@ -1,11 +1,17 @@
-"""What a :func:`~fxcompress.lowrank.decompose` call chose, per layer (frozen, JSON-able)."""
+"""What a :func:`~fxcompress.lowrank.decompose` call chose, per layer (frozen, JSON-able).
+
+:class:`LowRankReport` follows the report protocol (:class:`fxcompress.report.MethodReport`).
+"""
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
+
+from fxcompress.report import known_fields
 
 __all__ = ["LayerDecision", "LowRankReport"]
 
@@ -37,6 +43,13 @@ class LayerDecision:
     @property
     def decomposed(self) -> bool:
         return self.k > 0
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> LayerDecision:
+        """A decision from its entry in :meth:`LowRankReport.to_dict`."""
+        kw = known_fields(cls, d)
+        kw["weight_shape"] = tuple(kw["weight_shape"])
+        return cls(**kw)
 
 
 @dataclass(frozen=True)
@@ -88,6 +101,25 @@ class LowRankReport:
         if not math.isfinite(d["level"]):
             d["level"] = None
         return json.loads(json.dumps(d))
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> LowRankReport:
+        """A report from :meth:`to_dict` (a ``None`` level is ``inf``); unknown keys are ignored.
+
+        Examples
+        --------
+        >>> layer = LayerDecision("fc", "fc", "linear", (4, 8), 1, 2, 0.5, 36, 28, 36, 28)
+        >>> r = LowRankReport("alds", "params", 0.8, 36.0, 28.0, 0.5, 0.5, 36, 28, 36, 28,
+        ...                   (layer,), (("head", "excluded by the caller"),))
+        >>> LowRankReport.from_dict(json.loads(r.to_json())) == r
+        True
+        """
+        kw = known_fields(cls, d)
+        if kw.get("level") is None:
+            kw["level"] = math.inf
+        kw["layers"] = tuple(LayerDecision.from_dict(x) for x in kw.get("layers", ()))
+        kw["skipped"] = tuple(tuple(s) for s in kw.get("skipped", ()))
+        return cls(**kw)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1, sort_keys=True)

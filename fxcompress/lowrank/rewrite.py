@@ -23,7 +23,7 @@ import torch
 from torch import fx, nn
 from torch.nn.utils import skip_init
 
-from fxcompress.graph.ops import layer_of, module_call_counts
+from fxcompress.graph.recognise import layer_of, module_call_counts
 from fxcompress.graph.util import clone, finalize, install, is_unused, shape_of
 from fxcompress.lowrank.factorize import factorize, reconstruct
 from fxcompress.lowrank.modules import GroupedLinear

@@ -248,11 +248,12 @@ def test_infeasible_budget_names_the_minimum(cache):
 @pytest.mark.parametrize(
     ("budget", "match"),
     [
-        (1.5, "budget params must be in"),
-        (0.0, "budget params must be in"),
+        (1.5, r"budget must be in \(0, 1\] \(a fraction of the parameters to keep\)"),
+        (0.0, r"budget must be in \(0, 1\] \(a fraction of the parameters to keep\)"),
+        ({"params": 1.5}, "params must be in"),
         ({"params": 0.5, "macs": 0.5}, "exactly one of"),
         ({"flops": 0.5}, "exactly one of"),
-        ("half", "budget must be a fraction"),
+        ("half", r"budget must be a number in \(0, 1\] \(a fraction of the parameters"),
     ],
 )
 def test_bad_budgets_are_rejected(budget, match):
@@ -391,7 +392,7 @@ def test_excluded_layers_stay_dense_and_are_reported(cache):
 
 
 def test_measured_latency_budget_uses_the_table():
-    from fxcompress.latency.table import LatencyTable, analytic_ms
+    from fxcompress.latency import LatencyTable, analytic_ms
 
     priced = []
 
