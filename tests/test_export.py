@@ -18,7 +18,8 @@ from torch import fx, nn
 
 import fxcompress
 from fxcompress.io import load, save
-from fxcompress.testing import _randomise_bn, assert_equivalent
+from fxcompress.testing import assert_equivalent
+from fxcompress.testing.drawing import randomise_bn as _randomise_bn
 
 
 class Block(nn.Module):
