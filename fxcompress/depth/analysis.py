@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from torch import fx
 
 from fxcompress import meta
-from fxcompress.graph.ops import ACTIVATIONS, batchnorm_of, is_add, layer_of, single_user
+from fxcompress.graph.recognise import ACTIVATIONS, batchnorm_of, is_add, layer_of, single_user
 from fxcompress.graph.util import shape_of
 from fxcompress.maths import ConvParams, LinearParams
 

@@ -42,7 +42,7 @@ from fxcompress.data import flat_tensors, split_batch
 from fxcompress.depth.analysis import Analysis
 from fxcompress.depth.relax import apply_choices
 from fxcompress.errors import InvalidArgument
-from fxcompress.graph.ops import mutated_input
+from fxcompress.graph.aliasing import mutated_input
 from fxcompress.graph.util import clone_tensors
 
 __all__ = ["Calibration", "Candidate", "score_candidates"]
@@ -368,7 +368,7 @@ def fold_units_for_scoring(gm: fx.GraphModule, analysis: Analysis) -> fx.GraphMo
     relaxing a segment of the copy gives the BN-folded form of relaxing it in ``gm``.
     """
     from fxcompress.depth.analysis import _units_of
-    from fxcompress.graph.ops import bn_statistics, layer_of
+    from fxcompress.graph.recognise import bn_statistics, layer_of
     from fxcompress.graph.util import shallow_clone
     from fxcompress.maths import fold_bn
 

@@ -49,15 +49,14 @@ from torch import fx, nn
 from fxcompress import meta
 from fxcompress.depth.partition import LayerCost, cheapest_partition, composed_geometry, layer_macs
 from fxcompress.errors import InvalidArgument
+from fxcompress.graph.aliasing import aliases, mutated_input
 from fxcompress.graph.canonicalize import canonicalize
 from fxcompress.graph.modules import Pad
-from fxcompress.graph.ops import (
+from fxcompress.graph.recognise import (
     BatchNormCall,
-    aliases,
     batchnorm_call,
     is_add,
     layer_of,
-    mutated_input,
     pad_of,
     reads_rank_only,
     single_user,

@@ -19,7 +19,7 @@ from fxcompress.depth.importance import Calibration, Candidate, score_candidates
 from fxcompress.depth.planning import enumerate_options
 from fxcompress.graph.canonicalize import canonicalize
 from fxcompress.graph.capture import Hooked, capture, forward_hooks
-from fxcompress.graph.ops import ACTIVATIONS
+from fxcompress.graph.recognise import ACTIVATIONS
 from fxcompress.latency.timing import paired_timing
 from fxcompress.testing import assert_equivalent
 
