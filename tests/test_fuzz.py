@@ -41,12 +41,12 @@ from fxcompress.testing import (
     Hook,
     InplaceOp,
     Step,
-    _randomise_bn,
     assert_equivalent,
     conv_chains,
     graphs,
     linear_chains,
 )
+from fxcompress.testing.drawing import randomise_bn
 
 LONG = os.environ.get("HYPOTHESIS_PROFILE") == "long"
 
@@ -147,7 +147,7 @@ def _case(model, shape):
         torch.manual_seed(0)
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                _randomise_bn(m)
+                randomise_bn(m)
         return model.double().eval(), torch.randn(shape, dtype=torch.float64)
 
 
