@@ -27,11 +27,21 @@ from dataclasses import dataclass, field
 from torch import fx
 
 from fxcompress import meta
+from fxcompress.depth.segment import MERGE
 from fxcompress.graph.recognise import ACTIVATIONS, batchnorm_of, is_add, layer_of, single_user
 from fxcompress.graph.util import shape_of
 from fxcompress.maths import ConvParams, LinearParams
 
-__all__ = ["Analysis", "Chain", "Residual", "Unit", "analyze"]
+__all__ = [
+    "Analysis",
+    "Chain",
+    "MergeOption",
+    "Residual",
+    "Unit",
+    "analyze",
+    "segment_options",
+    "units_of",
+]
 
 MAX_SEGMENT_ITEMS = 8
 MAX_MERGED_EXTENT = 15
@@ -224,14 +234,15 @@ def _covered_names(items: dict[str, Item]) -> set[str]:
     """Names of the nodes that belong to some item (layers, BNs, activations, residual adds)."""
     names: set[str] = set()
     for item in items.values():
-        for unit in _units_of(item):
+        for unit in units_of(item):
             names.update(n for n in (unit.layer, unit.bn, unit.act) if n is not None)
         if isinstance(item, Residual):
             names.update(n for n in (item.add, item.act) if n is not None)
     return names
 
 
-def _units_of(item: Item) -> Iterator[Unit]:
+def units_of(item: Item) -> Iterator[Unit]:
+    """The units of an item: the unit itself, or a residual's branch units and shortcut."""
     if isinstance(item, Unit):
         yield item
     else:
@@ -515,7 +526,7 @@ def _merged_groups(units: list[Unit], items: tuple[Item, ...]) -> int:
 
 
 @dataclass(frozen=True)
-class Option:
+class MergeOption:
     """One way to merge a segment: which units are pruned, and the merged geometry."""
 
     key: str
@@ -523,7 +534,7 @@ class Option:
     geometry: Geometry
 
 
-def segment_options(items: tuple[Item, ...]) -> list[Option]:
+def segment_options(items: tuple[Item, ...]) -> list[MergeOption]:
     """Merge options of a segment: prune nothing, or prune reducible units (LayerMerge).
 
     Among the prune sets giving the same merged geometry, the one keeping the largest total
@@ -552,8 +563,8 @@ def segment_options(items: tuple[Item, ...]) -> list[Option]:
             best[geo] = (kept_l1, names)
     options = []
     for geo, (_, names) in sorted(best.items(), key=lambda kv: (len(kv[1][1]), kv[1][1])):
-        key = "merge" if not names else "merge:prune=" + ",".join(names)
-        options.append(Option(key, names, geo))
+        key = MERGE if not names else f"{MERGE}:prune=" + ",".join(names)
+        options.append(MergeOption(key, names, geo))
     return options
 
 

@@ -41,28 +41,19 @@ from torch import fx, nn
 from fxcompress.data import flat_tensors, split_batch
 from fxcompress.depth.analysis import Analysis
 from fxcompress.depth.relax import apply_choices
+from fxcompress.depth.segment import Segment
 from fxcompress.errors import InvalidArgument
 from fxcompress.graph.aliasing import mutated_input
 from fxcompress.graph.util import clone_tensors
 
-__all__ = ["Calibration", "Candidate", "score_candidates"]
+__all__ = ["Calibration", "Candidate", "score_candidates"]  # Candidate: an alias of Segment
 
 logger = logging.getLogger("fxcompress.importance")
 
 
-@dataclass(frozen=True)
-class Candidate:
-    """One option to score: relax ``chain`` items ``start..stop`` with ``pruned`` units removed."""
-
-    chain: str
-    start: int
-    stop: int
-    key: str
-    pruned: tuple[str, ...] = ()
-
-    @property
-    def id(self) -> str:
-        return f"{self.chain}:{self.start}-{self.stop}:{self.key}"
+#: The former name of an option to score, now the one :class:`Segment` type (relax ``chain``
+#: items ``start..stop`` with ``pruned`` units removed); kept while the pipeline moves to it.
+Candidate = Segment
 
 
 @dataclass
@@ -193,7 +184,7 @@ class _Recorder(fx.Interpreter):
         return value
 
 
-def _first_node(analysis: Analysis, cand: Candidate, gm: fx.GraphModule) -> str:
+def _first_node(analysis: Analysis, cand: Segment, gm: fx.GraphModule) -> str:
     items = analysis.chain(cand.chain).items[cand.start : cand.stop]
     return items[0].input
 
@@ -266,7 +257,7 @@ def reference_outputs(model: Callable[..., Any], calib: Calibration) -> list[lis
 def score_candidates(
     gm: fx.GraphModule,
     analysis: Analysis,
-    candidates: Sequence[Candidate],
+    candidates: Sequence[Segment],
     calib: Calibration,
     *,
     loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
@@ -275,13 +266,14 @@ def score_candidates(
     checkpoint: str | os.PathLike[str] | None = None,
     progress: bool | None = None,
 ) -> dict[str, float]:
-    """Damage of every candidate, keyed by :attr:`Candidate.id`.
+    """Damage of every candidate segment, keyed by its :attr:`~fxcompress.depth.segment.Segment.id`.
 
     Parameters
     ----------
     gm : torch.fx.GraphModule
         The canonicalised graph ``analysis`` was computed from.
-    candidates : sequence of Candidate
+    candidates : sequence of Segment
+        The segments to score (each relaxed alone).
     calib : Calibration
     loss_fn : callable, optional
         ``loss_fn(outputs, targets) -> scalar``; used when the batches carry targets.
@@ -307,10 +299,8 @@ def score_candidates(
         gm = fold_units_for_scoring(gm, analysis)  # same function, ~30 % cheaper to run
     scorer = _Scorer(gm, calib, loss_fn)
 
-    def relaxed_of(c: Candidate) -> fx.GraphModule:
-        return apply_choices(
-            gm, analysis, [(c.chain, c.start, c.stop, c.key, c.pruned)], record_shapes=False
-        )
+    def relaxed_of(c: Segment) -> fx.GraphModule:
+        return apply_choices(gm, analysis, [c], record_shapes=False)
 
     with bar(total=len(todo), desc="scoring", enabled=progress) as pbar:
         if executor is None:
@@ -367,7 +357,7 @@ def fold_units_for_scoring(gm: fx.GraphModule, analysis: Analysis) -> fx.GraphMo
     Node names stay (the BN becomes an ``nn.Identity`` call), so the analysis still applies and
     relaxing a segment of the copy gives the BN-folded form of relaxing it in ``gm``.
     """
-    from fxcompress.depth.analysis import _units_of
+    from fxcompress.depth.analysis import units_of
     from fxcompress.graph.recognise import bn_statistics, layer_of
     from fxcompress.graph.util import shallow_clone
     from fxcompress.maths import fold_bn
@@ -377,7 +367,7 @@ def fold_units_for_scoring(gm: fx.GraphModule, analysis: Analysis) -> fx.GraphMo
     seen: set[str] = set()
     for chain in analysis.chains:
         for item in chain.items:
-            for unit in _units_of(item):
+            for unit in units_of(item):
                 if unit.layer in seen:
                     continue  # branch chains repeat the units of their residual
                 seen.add(unit.layer)

@@ -40,7 +40,7 @@ from collections.abc import Callable, Collection, Sequence
 import torch
 
 from fxcompress.errors import InvalidArgument
-from fxcompress.latency.table import LatencyTable, OpSpec
+from fxcompress.latency import LatencyTable, OpSpec
 from fxcompress.maths import ConvParams, LinearParams
 
 __all__ = [

@@ -3,53 +3,73 @@
 It enumerates the segment options of every chain, prices each with the latency table, and builds
 the :class:`fxcompress.depth.planner.Problem` the DP solves. Choice keys are ``"keep"`` (a single
 item as it is; for a residual, its branch is planned as a sub-chain) or an
-:class:`~.analysis.Option` key (``"merge"`` or ``"merge:prune=a,b"``), or ``"drop"`` (a residual
-reduced to its shortcut and final activation).
+:class:`~.analysis.MergeOption` key (``"merge"`` or ``"merge:prune=a,b"``), or ``"drop"`` (a
+residual reduced to its shortcut and final activation).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from fxcompress.depth.analysis import (
     Analysis,
-    Chain,
     Geometry,
     Item,
     Residual,
     Unit,
     segment_options,
 )
-from fxcompress.depth.planner import Chain as PChain
-from fxcompress.depth.planner import Choice, Problem, Segment
-from fxcompress.latency.table import OpSpec
+from fxcompress.depth.planner import ChainSpec, Choice, Problem, Span
+from fxcompress.depth.segment import DROP, KEEP, Segment
+from fxcompress.latency.spec import OpSpec
 
-__all__ = ["DROP", "SegmentOption", "build_problem", "enumerate_options", "item_latency"]
-
-#: choice key of a residual whose branch is dropped (the block becomes its shortcut)
-DROP = "drop"
+__all__ = [
+    "DROP",  # re-exported from fxcompress.depth.segment while the pipeline moves to it
+    "SegmentOption",
+    "baseline_latency",
+    "build_problem",
+    "enumerate_options",
+    "item_latency",
+    "option_latency",
+]
 
 LatencyFn = Callable[[OpSpec], float]
 
 
 @dataclass(frozen=True)
 class SegmentOption:
-    chain: str
-    start: int
-    stop: int
-    key: str
-    pruned: tuple[str, ...]
-    geometry: Geometry | None  # None for "keep"
+    """A :class:`~fxcompress.depth.segment.Segment` the planner may choose, with what pricing it
+    needs: the merged layer's ``geometry`` (``None`` for ``"keep"`` and ``"drop"``) and ``act``,
+    the activation at the segment's end.
+
+    Examples
+    --------
+    >>> option = SegmentOption(Segment("body", 0, 1, "keep"), None, "relu")
+    >>> option.id, option.needs_score, option.chain
+    ('body:0-1:keep', False, 'body')
+    """
+
+    segment: Segment
+    geometry: Geometry | None
     act: str | None
 
     @property
     def id(self) -> str:
-        return f"{self.chain}:{self.start}-{self.stop}:{self.key}"
+        """The segment's id (:attr:`Segment.id`), the key of its damage."""
+        return self.segment.id
 
     @property
     def needs_score(self) -> bool:
-        return self.key != "keep"
+        """Whether the option changes the network (so its damage must be measured)."""
+        return self.segment.key != KEEP
+
+    def __getattr__(self, name: str) -> Any:
+        """``chain``, ``start``, ``stop``, ``key`` and ``pruned``: the segment's fields."""
+        if name in Segment._fields:
+            return getattr(self.segment, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
 
 def enumerate_options(
@@ -68,11 +88,11 @@ def enumerate_options(
                 items = chain.items[start:stop]
                 last_act = _act_kind(items[-1])
                 if stop - start == 1:
-                    out.append(SegmentOption(chain.name, start, stop, "keep", (), None, last_act))
+                    keep = Segment(chain.name, start, stop, KEEP)
+                    out.append(SegmentOption(keep, None, last_act))
                     if drop and isinstance(items[0], Residual):
-                        out.append(
-                            SegmentOption(chain.name, start, stop, DROP, (), None, last_act)
-                        )
+                        dropped = Segment(chain.name, start, stop, DROP)
+                        out.append(SegmentOption(dropped, None, last_act))
                     if isinstance(items[0], Unit):
                         continue  # a single unit merged is the unit itself
                 options = segment_options(items)
@@ -83,11 +103,8 @@ def enumerate_options(
                 for opt in options:
                     if opt.pruned and not prune:
                         continue
-                    out.append(
-                        SegmentOption(
-                            chain.name, start, stop, opt.key, opt.pruned, opt.geometry, last_act
-                        )
-                    )
+                    merged = Segment(chain.name, start, stop, opt.key, opt.pruned)
+                    out.append(SegmentOption(merged, opt.geometry, last_act))
     return out
 
 
@@ -170,12 +187,14 @@ def _dropped_latency(res: Residual, latency: LatencyFn, dtype: str) -> float:
 
 
 def option_latency(opt: SegmentOption, analysis: Analysis, latency: LatencyFn, dtype: str) -> float:
+    """Latency of the option's segment as the option implements it (for ``"keep"`` of a residual:
+    everything but its branch, which is planned as a chain of its own)."""
     chain = analysis.chain(opt.chain)
     if opt.key == DROP:
         res = chain.items[opt.start]
         assert isinstance(res, Residual)
         return _dropped_latency(res, latency, dtype)
-    if opt.key == "keep":
+    if opt.key == KEEP:
         item = chain.items[opt.start]
         if isinstance(item, Residual):
             return _residual_overhead(item, latency, dtype)
@@ -198,12 +217,12 @@ def build_problem(
     for opt in options:
         chain = analysis.chain(opt.chain)
         sub: tuple[str, ...] = ()
-        if opt.key == "keep" and isinstance(chain.items[opt.start], Residual):
+        if opt.key == KEEP and isinstance(chain.items[opt.start], Residual):
             sub = (f"{chain.items[opt.start].add}.branch",)
         choice = Choice(
             key=opt.key,
             latency=option_latency(opt, analysis, latency, dtype),
-            damage=0.0 if opt.key == "keep" else max(0.0, float(damages[opt.id])),
+            damage=0.0 if opt.key == KEEP else max(0.0, float(damages[opt.id])),
             sub=sub,
         )
         by_chain.setdefault(opt.chain, {}).setdefault((opt.start, opt.stop), []).append(choice)
@@ -211,10 +230,10 @@ def build_problem(
     for chain in analysis.chains:
         segs = by_chain.get(chain.name, {})
         chains.append(
-            PChain(
+            ChainSpec(
                 name=chain.name,
                 length=len(chain.items),
-                segments=tuple(Segment(s, e, tuple(cs)) for (s, e), cs in sorted(segs.items())),
+                segments=tuple(Span(s, e, tuple(cs)) for (s, e), cs in sorted(segs.items())),
             )
         )
     return Problem(chains=tuple(chains), fixed_latency=fixed_latency)
@@ -223,7 +242,3 @@ def build_problem(
 def baseline_latency(analysis: Analysis, latency: LatencyFn, dtype: str) -> float:
     """Sum of the original items' latencies over the root chains."""
     return sum(item_latency(it, latency, dtype) for c in analysis.roots for it in c.items)
-
-
-def chain_of(analysis: Analysis, name: str) -> Chain:
-    return analysis.chain(name)

@@ -25,7 +25,7 @@ import torch
 from torch import fx
 
 from fxcompress.depth.analysis import Analysis, Item, Residual, Unit
-from fxcompress.depth.planning import DROP
+from fxcompress.depth.segment import DROP, KEEP, Segment
 from fxcompress.graph.capture import propagate_shapes
 from fxcompress.graph.modules import Pad
 from fxcompress.graph.util import finalize, install, shallow_clone
@@ -70,18 +70,19 @@ def apply_segments(
 def apply_choices(
     gm: fx.GraphModule,
     analysis: Analysis,
-    choices: Iterable[tuple[str, int, int, str, tuple[str, ...]]],
+    choices: Iterable[Segment | tuple[str, int, int, str, tuple[str, ...]]],
     *,
     record_shapes: bool = True,
 ) -> fx.GraphModule:
-    """:func:`apply_segments` for planner choices ``(chain, start, stop, key, pruned)``.
+    """:func:`apply_segments` for planned :class:`~fxcompress.depth.segment.Segment` s (or their
+    tuples ``(chain, start, stop, key, pruned)``).
 
     ``"keep"`` changes nothing, ``"drop"`` drops the residual's branch, every other key relaxes
     the segment.
     """
-    choices = list(choices)
-    segments = [(c, s, e, p) for c, s, e, k, p in choices if k not in ("keep", DROP)]
-    drops = [(c, s) for c, s, _, k, _ in choices if k == DROP]
+    planned = [Segment(*choice) for choice in choices]
+    segments = [(c.chain, c.start, c.stop, c.pruned) for c in planned if c.key not in (KEEP, DROP)]
+    drops = [(c.chain, c.start) for c in planned if c.key == DROP]
     return apply_segments(gm, analysis, segments, drops=drops, record_shapes=record_shapes)
 
 

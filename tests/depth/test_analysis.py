@@ -13,7 +13,7 @@ from torch import nn
 from torchvision.models import efficientnet, mnasnet, mobilenetv2, mobilenetv3, regnet, resnet
 
 import fxcompress
-from fxcompress.depth.analysis import Residual, Unit, _units_of
+from fxcompress.depth.analysis import Residual, Unit, units_of
 
 
 def _analyze(model: nn.Module, size: int = 64) -> fxcompress.Analysis:
@@ -31,7 +31,7 @@ def _all_units(a: fxcompress.Analysis) -> list[Unit]:
         if c.parent is not None:
             continue  # branch chains repeat the units of their residual
         for it in c.items:
-            units.extend(_units_of(it))
+            units.extend(units_of(it))
     return units
 
 

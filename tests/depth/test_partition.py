@@ -28,7 +28,7 @@ from fxcompress.depth.partition import (
     layer_spec,
 )
 from fxcompress.errors import InvalidArgument
-from fxcompress.latency.table import LatencyTable, OpSpec
+from fxcompress.latency import LatencyTable, OpSpec
 from fxcompress.maths import ConvParams, LinearParams, compose, compose_linear
 from fxcompress.testing import assert_equivalent, conv_chains, linear_chains
 

@@ -15,18 +15,18 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from fxcompress.depth.planner import (
-    Chain,
+    ChainSpec,
     Choice,
-    Decision,
     Problem,
-    Segment,
     Solution,
+    Span,
     alternatives,
     min_latency,
     pareto_front,
     solve,
     solve_exhaustive,
 )
+from fxcompress.depth.segment import Segment
 from fxcompress.errors import InfeasibleBudget, InvalidArgument
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -142,7 +142,7 @@ def expected_damage(problem: Problem, budget: float, resolution: int) -> tuple[f
 def check_solution(problem: Problem, solution: Solution, budget: float) -> None:
     """The decisions form a configuration, and latency/damage are recomputed from them."""
     chains = {c.name: c for c in problem.chains}
-    by_chain: dict[str, list[Decision]] = {}
+    by_chain: dict[str, list[Segment]] = {}
     for decision in solution.decisions:
         by_chain.setdefault(decision.chain, []).append(decision)
     assert list(solution.decisions) == sorted(solution.decisions, key=lambda d: (d.chain, d.start))
@@ -181,7 +181,7 @@ numbers = st.one_of(
 
 
 @st.composite
-def segments(draw, length: int, spans: int, choices: int, subs_for=None) -> tuple[Segment, ...]:
+def segments(draw, length: int, spans: int, choices: int, subs_for=None) -> tuple[Span, ...]:
     """All length-1 segments plus random longer ones (up to ``spans`` items)."""
     longer = [(a, b) for a in range(length) for b in range(a + 2, min(length, a + spans) + 1)]
     extra = draw(st.lists(st.sampled_from(longer), unique=True, max_size=3)) if longer else []
@@ -191,7 +191,7 @@ def segments(draw, length: int, spans: int, choices: int, subs_for=None) -> tupl
         keys = draw(st.lists(KEYS, min_size=count, max_size=count, unique=True))
         subs = subs_for(draw) if subs_for else ()
         out.append(
-            Segment(
+            Span(
                 start,
                 stop,
                 tuple(
@@ -210,7 +210,7 @@ def segments(draw, length: int, spans: int, choices: int, subs_for=None) -> tupl
 
 @st.composite
 def problems(draw, max_length: int = 4, nesting: bool = True) -> Problem:
-    chains: list[Chain] = []
+    chains: list[ChainSpec] = []
     names = iter(f"s{i}" for i in range(100))
     budget_of_subs = [draw(st.sampled_from([0, 1, 2, 2])) if nesting else 0]
 
@@ -223,14 +223,14 @@ def problems(draw, max_length: int = 4, nesting: bool = True) -> Problem:
         for _ in range(count):
             name = next(names)
             length = draw(st.integers(1, 2))
-            chains.append(Chain(name, length, draw(segments(length, 2, 2))))
+            chains.append(ChainSpec(name, length, draw(segments(length, 2, 2))))
             made.append(name)
         return tuple(made)
 
     count = draw(st.integers(1, 2))
     for i in range(count):
         length = draw(st.integers(1, max_length if count == 1 else min(max_length, 3)))
-        chains.append(Chain(f"r{i}", length, draw(segments(length, 3, 3, subs_for))))
+        chains.append(ChainSpec(f"r{i}", length, draw(segments(length, 3, 3, subs_for))))
     fixed = draw(st.one_of(st.just(0.0), numbers))
     problem = Problem(tuple(draw(st.permutations(chains))), fixed_latency=fixed)
     assume(math.prod(len(c) for c in per_root(problem)) <= 4000)
@@ -369,7 +369,7 @@ def test_alternatives_are_the_least_damage_configurations(problem, u, resolution
 
 
 def test_alternatives_checks_count_and_budget():
-    problem = Problem([Chain("c", 1, [Segment(0, 1, [Choice("a", 1.0, 0.0)])])])
+    problem = Problem([ChainSpec("c", 1, [Span(0, 1, [Choice("a", 1.0, 0.0)])])])
     with pytest.raises(InvalidArgument, match="count"):
         alternatives(problem, 2.0, 0)
     with pytest.raises(InvalidArgument, match="finite budget"):
@@ -422,14 +422,14 @@ def residual_problem() -> Problem:
     merged = Choice("merged", 1.0, 0.4)
     kept = Choice("kept", 0.5, 0.0, sub=("branch",))
     skipped = Choice("kept-light", 0.5, 0.1, sub=("branch",))
-    block = Chain("block", 2, [Segment(0, 1, [merged, kept, skipped]), Segment(1, 2, [merged])])
-    branch = Chain(
+    block = ChainSpec("block", 2, [Span(0, 1, [merged, kept, skipped]), Span(1, 2, [merged])])
+    branch = ChainSpec(
         "branch",
         2,
         [
-            Segment(0, 1, [Choice("conv", 1.0, 0.0), Choice("thin", 0.5, 0.3)]),
-            Segment(1, 2, [Choice("conv", 1.0, 0.0)]),
-            Segment(0, 2, [Choice("fused", 1.2, 0.2)]),
+            Span(0, 1, [Choice("conv", 1.0, 0.0), Choice("thin", 0.5, 0.3)]),
+            Span(1, 2, [Choice("conv", 1.0, 0.0)]),
+            Span(0, 2, [Choice("fused", 1.2, 0.2)]),
         ],
     )
     return Problem([branch, block], fixed_latency=0.25)
@@ -458,10 +458,10 @@ def test_residual_example():
 
 
 def test_ties_prefer_lower_latency_then_order():
-    same = Segment(0, 1, [Choice("z", 1.0, 0.5), Choice("b", 2.0, 0.5), Choice("a", 1.0, 0.5)])
-    problem = Problem([Chain("c", 1, [same])])
-    assert solve(problem, 5.0).decisions == (Decision("c", 0, 1, "a"),)
-    assert solve_exhaustive(problem, 5.0).decisions == (Decision("c", 0, 1, "a"),)
+    same = Span(0, 1, [Choice("z", 1.0, 0.5), Choice("b", 2.0, 0.5), Choice("a", 1.0, 0.5)])
+    problem = Problem([ChainSpec("c", 1, [same])])
+    assert solve(problem, 5.0).decisions == (Segment("c", 0, 1, "a"),)
+    assert solve_exhaustive(problem, 5.0).decisions == (Segment("c", 0, 1, "a"),)
 
 
 def test_empty_problem():
@@ -474,17 +474,17 @@ def test_empty_problem():
 
 
 def test_zero_latency_budget():
-    free = Segment(0, 1, [Choice("free", 0.0, 1.0), Choice("slow", 1.0, 0.0)])
-    problem = Problem([Chain("c", 1, [free])])
-    assert solve(problem, 0.0).decisions == (Decision("c", 0, 1, "free"),)
+    free = Span(0, 1, [Choice("free", 0.0, 1.0), Choice("slow", 1.0, 0.0)])
+    problem = Problem([ChainSpec("c", 1, [free])])
+    assert solve(problem, 0.0).decisions == (Segment("c", 0, 1, "free"),)
     assert solve(problem, 0.0, resolution=1).latency == 0.0
 
 
 def test_fallback_to_fastest_configuration():
     # Three choices of float(1/3) ms sum to just under 1 ms, but rounded up to bins of width
     # 1/r ms they never fit in r bins for r = 1, 2, ..., 16: the fallback returns them anyway.
-    segments = [Segment(k, k + 1, [Choice("x", 1 / 3, 0.0)]) for k in range(3)]
-    problem = Problem([Chain("c", 3, segments)])
+    segments = [Span(k, k + 1, [Choice("x", 1 / 3, 0.0)]) for k in range(3)]
+    problem = Problem([ChainSpec("c", 3, segments)])
     budget = min_latency(problem)
     assert budget == 1.0
     solution = solve(problem, budget, resolution=1)
@@ -516,8 +516,8 @@ def test_problem_must_be_a_problem():
         solve({"chains": []}, 1.0)
 
 
-def one(key: str = "k", latency: float = 1.0, damage: float = 0.0, sub=()) -> Segment:
-    return Segment(0, 1, [Choice(key, latency, damage, sub)])
+def one(key: str = "k", latency: float = 1.0, damage: float = 0.0, sub=()) -> Span:
+    return Span(0, 1, [Choice(key, latency, damage, sub)])
 
 
 @pytest.mark.parametrize(
@@ -530,27 +530,29 @@ def one(key: str = "k", latency: float = 1.0, damage: float = 0.0, sub=()) -> Se
         (lambda: Choice("k", True, 0.0), "latency"),
         (lambda: Choice("k", 1.0, 0.0, sub="ab"), "sub"),
         (lambda: Choice("k", 1.0, 0.0, sub=("a", "a")), "twice"),
-        (lambda: Segment(1, 1, [Choice("k", 1, 0)]), "start < stop"),
-        (lambda: Segment(-1, 1, [Choice("k", 1, 0)]), "start"),
-        (lambda: Segment(0, 1, []), "no choices"),
-        (lambda: Segment(0, 1, [Choice("k", 1, 0), Choice("k", 2, 0)]), "repeats"),
-        (lambda: Chain("c", 0, [one()]), "length"),
-        (lambda: Chain("c", 1, [Segment(0, 2, [Choice("k", 1, 0)])]), "ends after"),
-        (lambda: Chain("c", 1, [one(), one()]), "twice"),
-        (lambda: Chain("c", 2, [one()]), "no partition"),
-        (lambda: Problem([Chain("c", 1, [one()])], fixed_latency=-1), "fixed_latency"),
-        (lambda: Problem([Chain("c", 1, [one()]), Chain("c", 1, [one()])]), "used twice"),
-        (lambda: Problem([Chain("c", 1, [one(sub=("d",))])]), "unknown chain 'd'"),
-        (lambda: Problem([Chain("c", 1, [one(sub=("c",))])]), "cycle"),
+        (lambda: Span(1, 1, [Choice("k", 1, 0)]), "start < stop"),
+        (lambda: Span(-1, 1, [Choice("k", 1, 0)]), "start"),
+        (lambda: Span(0, 1, []), "no choices"),
+        (lambda: Span(0, 1, [Choice("k", 1, 0), Choice("k", 2, 0)]), "repeats"),
+        (lambda: ChainSpec("c", 0, [one()]), "length"),
+        (lambda: ChainSpec("c", 1, [Span(0, 2, [Choice("k", 1, 0)])]), "ends after"),
+        (lambda: ChainSpec("c", 1, [one(), one()]), "twice"),
+        (lambda: ChainSpec("c", 2, [one()]), "no partition"),
+        (lambda: Problem([ChainSpec("c", 1, [one()])], fixed_latency=-1), "fixed_latency"),
+        (lambda: Problem([ChainSpec("c", 1, [one()]), ChainSpec("c", 1, [one()])]), "used twice"),
+        (lambda: Problem([ChainSpec("c", 1, [one(sub=("d",))])]), "unknown chain 'd'"),
+        (lambda: Problem([ChainSpec("c", 1, [one(sub=("c",))])]), "cycle"),
         (
-            lambda: Problem([Chain("c", 1, [one(sub=("d",))]), Chain("d", 1, [one(sub=("c",))])]),
+            lambda: Problem(
+                [ChainSpec("c", 1, [one(sub=("d",))]), ChainSpec("d", 1, [one(sub=("c",))])]
+            ),
             "cycle",
         ),
         (
             lambda: Problem(
                 [
-                    Chain("c", 2, [one(sub=("d",)), Segment(1, 2, [Choice("k", 1, 0, ("d",))])]),
-                    Chain("d", 1, [one()]),
+                    ChainSpec("c", 2, [one(sub=("d",)), Span(1, 2, [Choice("k", 1, 0, ("d",))])]),
+                    ChainSpec("d", 1, [one()]),
                 ]
             ),
             "sub chain of two segments",
@@ -558,9 +560,9 @@ def one(key: str = "k", latency: float = 1.0, damage: float = 0.0, sub=()) -> Se
         (
             lambda: Problem(
                 [
-                    Chain("c", 1, [one(sub=("d",))]),
-                    Chain("e", 1, [one(sub=("d",))]),
-                    Chain("d", 1, [one()]),
+                    ChainSpec("c", 1, [one(sub=("d",))]),
+                    ChainSpec("e", 1, [one(sub=("d",))]),
+                    ChainSpec("d", 1, [one()]),
                 ]
             ),
             "sub chain of two segments",
@@ -577,34 +579,37 @@ def test_invalid_problems(build, message):
 
 
 def test_shared_sub_within_one_segment_is_valid():
-    segment = Segment(0, 1, [Choice("x", 1, 0, ("d",)), Choice("y", 2, 0, ("d",))])
-    problem = Problem([Chain("c", 1, [segment]), Chain("d", 1, [one()])])
+    segment = Span(0, 1, [Choice("x", 1, 0, ("d",)), Choice("y", 2, 0, ("d",))])
+    problem = Problem([ChainSpec("c", 1, [segment]), ChainSpec("d", 1, [one()])])
     assert min_latency(problem) == 2.0
 
 
 def test_exhaustive_refuses_huge_problems():
-    wide = [Segment(k, k + 1, [Choice(str(i), i, 0) for i in range(4)]) for k in range(12)]
+    wide = [Span(k, k + 1, [Choice(str(i), i, 0) for i in range(4)]) for k in range(12)]
     with pytest.raises(InvalidArgument, match="configurations"):
-        solve_exhaustive(Problem([Chain("c", 12, wide)]), 100.0)
+        solve_exhaustive(Problem([ChainSpec("c", 12, wide)]), 100.0)
 
 
 def test_planner_does_not_import_torch():
     code = f"""
-import importlib.util, sys, types
+import importlib, sys, types
 root = {str(ROOT / "fxcompress")!r}
 for name, path in (("fxcompress", root), ("fxcompress.depth", root + "/depth")):
     package = types.ModuleType(name)  # empty packages: their __init__ would import torch
     package.__path__ = [path]
     sys.modules[name] = package
-for name in ("errors", "depth/planner"):
-    dotted = "fxcompress." + name.replace("/", ".")
-    spec = importlib.util.spec_from_file_location(dotted, root + "/" + name + ".py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[dotted] = module
-    spec.loader.exec_module(module)
-planner = sys.modules["fxcompress.depth.planner"]
-seg = planner.Segment(0, 1, [planner.Choice("k", 1.0, 0.0)])
-assert planner.solve(planner.Problem([planner.Chain("c", 1, [seg])]), 2.0).damage == 0.0
+planner = importlib.import_module("fxcompress.depth.planner")  # its __init__ and its modules
+loaded = sorted(n for n in sys.modules if n.startswith("fxcompress."))
+expected = ["fxcompress.depth", "fxcompress.depth.planner", "fxcompress.depth.segment",
+            "fxcompress.errors"]
+assert set(expected) <= set(loaded), loaded
+others = [n for n in loaded if n not in expected and not n.startswith("fxcompress.depth.planner.")]
+assert not others, f"planner loaded {{others}}"
+assert len(loaded) > len(expected), loaded  # the package's modules were loaded too
+seg = planner.Span(0, 1, [planner.Choice("k", 1.0, 0.0)])
+assert planner.solve(planner.Problem([planner.ChainSpec("c", 1, [seg])]), 2.0).damage == 0.0
+planner.solve_exhaustive(planner.Problem([planner.ChainSpec("c", 1, [seg])]), 2.0)
+planner.alternatives(planner.Problem([planner.ChainSpec("c", 1, [seg])]), 2.0, 2)
 assert "torch" not in sys.modules, "planner imported torch"
 print("ok")
 """

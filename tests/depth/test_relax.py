@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fxcompress
-from fxcompress.depth.analysis import Residual, _units_of
+from fxcompress.depth.analysis import Residual, units_of
 from fxcompress.depth.planning import enumerate_options
 from fxcompress.depth.relax import apply_segments
 
@@ -78,7 +78,7 @@ def test_options_merge_exactly_on_torchvision(name: str, size: int, samples: int
         assert err <= 1e-9, (opt, err)
         # independently: the segment's convs (branches and shortcuts, minus pruned) became one
         items = analysis.chain(opt.chain).items[opt.start : opt.stop]
-        n_kept = sum(1 for it in items for u in _units_of(it) if u.layer not in opt.pruned)
+        n_kept = sum(1 for it in items for u in units_of(it) if u.layer not in opt.pruned)
         # (exact skip folds that the relaxation newly enables may merge even more)
         assert _convs(merged) <= base_convs - len(opt.pruned) - (n_kept - 1), opt
 
