@@ -244,9 +244,9 @@ def _check_plot_path(path: str) -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError as exc:
-        from fxcompress.plots import _MISSING
+        from fxcompress.plots import MISSING_MATPLOTLIB
 
-        raise UsageError(_MISSING) from exc
+        raise UsageError(MISSING_MATPLOTLIB) from exc
 
 
 def _plot(report: Any, path: str | None) -> None:

@@ -23,7 +23,8 @@ Report
     The result carries its report under ``gm.meta[meta.<KEY>]`` (:mod:`fxcompress.meta`), and
     the report follows the report protocol, :class:`fxcompress.report.MethodReport`:
     ``to_dict()`` (JSON-able), ``from_dict(d)`` (a classmethod; rebuilds the report) and
-    ``to_markdown()``. :func:`deliver` is the last line of every entry point.
+    ``to_markdown()``. :func:`deliver` stores it and puts the result in eval mode (the last line
+    of ``decompose``, ``apply`` and ``fuse``).
 Errors
     Bad arguments raise :class:`~fxcompress.errors.InvalidArgument`, an unreachable budget
     :class:`~fxcompress.errors.InfeasibleBudget` (with ``minimum``), a rewrite that does not

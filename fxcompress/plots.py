@@ -21,7 +21,10 @@ if TYPE_CHECKING:
 
 __all__ = ["plot_report", "report_figure"]
 
-_MISSING = "plotting needs matplotlib: install the plot extra, pip install 'fxcompress[plot]'"
+#: the message when matplotlib is missing (the command line reports it before any work starts)
+MISSING_MATPLOTLIB = (
+    "plotting needs matplotlib: install the plot extra, pip install 'fxcompress[plot]'"
+)
 
 
 def _as_dict(report: Report | dict[str, Any]) -> dict[str, Any]:
@@ -60,7 +63,7 @@ def report_figure(report: Report | dict[str, Any]) -> Figure:
     try:
         from matplotlib.figure import Figure
     except ImportError as exc:
-        raise ModuleNotFoundError(_MISSING) from exc
+        raise ModuleNotFoundError(MISSING_MATPLOTLIB) from exc
 
     decisions = list(d.get("decisions") or [])
     height = max(3.5, 0.22 * len(decisions) + 1.2)

@@ -229,3 +229,59 @@ def test_residual_decision_names_the_block() -> None:
     assert block_relu.startswith("relu")
     assert block_relu.endswith(" (in 1)")
     assert d["merged"]["kernel_size"] == [9, 9]
+
+
+# ----------------------------------------------------------------------- the report protocol
+
+
+def _method_results() -> dict[str, fx.GraphModule]:
+    """One small result of every method (its report under its meta key)."""
+    from fxcompress import collapse, fusion, lowrank
+
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(8, 64), nn.GELU(), nn.Linear(64, 8)).eval()
+    x = torch.randn(2, 8)
+    prepared = collapse.prepare(mlp, x)
+    with torch.no_grad():
+        prepared.get_submodule("0_act").slope.fill_(0.98)
+
+    class Res(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.fc2(torch.relu(self.fc1(x)))
+
+    blocks = nn.Sequential(*(Res() for _ in range(4))).eval()
+    return {
+        "depth": fxcompress.optimize(mlp, 1.0, example_inputs=x, latency="flops"),
+        "lowrank": lowrank.decompose(mlp, 0.5, x),
+        "collapse": collapse.apply(prepared, tol=0.05),
+        "fusion": fusion.fuse(blocks, 0.5, example_inputs=x),
+    }
+
+
+def test_every_method_follows_the_contract_and_its_report_the_protocol() -> None:
+    import importlib
+    import json
+
+    from fxcompress.method import CONTRACTS
+    from fxcompress.report import MethodReport
+
+    results = _method_results()
+    assert set(results) == set(CONTRACTS)
+    for name, contract in CONTRACTS.items():
+        module, _, cls_name = contract.report.rpartition(".")
+        cls = getattr(importlib.import_module(module), cls_name)
+        gm = results[name]
+        report = gm.meta[contract.key]
+        assert isinstance(report, cls), name
+        assert isinstance(report, MethodReport), name
+        assert not gm.training, name
+        d = json.loads(json.dumps(report.to_dict()))
+        again = cls.from_dict(d)
+        assert again.to_dict() == report.to_dict(), name
+        assert again.to_markdown() == report.to_markdown(), name
+        entry_module, _, entry = contract.entry.rpartition(".")
+        assert callable(getattr(importlib.import_module(entry_module), entry)), name
