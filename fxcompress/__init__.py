@@ -25,8 +25,10 @@ from fxcompress.errors import (
 from fxcompress.graph.canonicalize import canonicalize
 from fxcompress.graph.capture import capture
 from fxcompress.io import load, load_plan, save, save_plan
-from fxcompress.latency.table import LatencyTable, OpSpec
-from fxcompress.pipeline.api import Plan, make_plan, optimize, relax
+from fxcompress.latency import LatencyTable, OpSpec
+from fxcompress.pipeline.optimize import optimize
+from fxcompress.pipeline.plan import Plan, relax
+from fxcompress.pipeline.problem import make_plan
 from fxcompress.report import Report
 
 plan = make_plan

@@ -6,7 +6,7 @@ Two formats, both safe under PyTorch's ``weights_only=True`` default:
   size (dimension 0 of every tensor input) is dynamic by default: the program runs at any batch,
   not only the example's (falling back, with a logged warning, to the example's batch when the
   model cannot be exported that way).
-- a directory: ``plan.json`` (the :class:`~fxcompress.pipeline.api.Plan`) plus ``state.pt`` (the
+- a directory: ``plan.json`` (the :class:`~fxcompress.pipeline.plan.Plan`) plus ``state.pt`` (the
   relaxed or merged model's ``state_dict``), replayed on the original model with :func:`load_plan`.
 """
 
@@ -26,7 +26,7 @@ from fxcompress.data import flat_tensors
 from fxcompress.depth.merge import merge
 from fxcompress.errors import InvalidArgument
 from fxcompress.graph.capture import normalize_inputs
-from fxcompress.pipeline.api import Plan, relax
+from fxcompress.pipeline.plan import Plan, relax
 
 __all__ = ["export_onnx", "export_program", "load", "load_plan", "save", "save_plan"]
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from fxcompress.errors import InvalidArgument
 from fxcompress.latency.timing import paired_timing
-from fxcompress.pipeline.api import _next_target
+from fxcompress.pipeline.closed_loop import next_target
 
 
 def test_a_network_doing_far_more_work_is_timed_slower() -> None:
@@ -45,7 +45,7 @@ targets = st.floats(1.0, 100.0)
 
 @given(st.lists(st.tuples(targets, ratios), min_size=1, max_size=6), ratios)
 def test_next_target_interpolates_between_bracketing_attempts(history, aim) -> None:
-    got = _next_target(history, aim)
+    got = next_target(history, aim)
     below = [h for h in history if h[1] <= aim]
     above = [h for h in history if h[1] > aim]
     if below and above:
@@ -72,7 +72,7 @@ def test_next_target_extrapolates_a_rising_line_on_one_side(offset, slope, aim, 
 
     history = [(t0 * 2, r(t0 * 2)), (t0, r(t0))]
     assume(aim < r(0.0) + slope * t0 / 100 * 0.999)
-    got = _next_target(history, aim)
+    got = next_target(history, aim)
     exact = (aim - offset) * 100 / slope
     proportional = t0 * aim / r(t0)
     assert proportional > exact  # proportional steps would stop short of aim
@@ -85,4 +85,4 @@ def test_next_target_hits_a_linear_response_exactly(slope, aim, t0) -> None:
     # measured ratio = slope * target / 100: two bracketing attempts pin the answer down
     history = [(t0, slope * t0 / 100), (t0 * 3, slope * t0 * 3 / 100)]
     assume(history[0][1] <= aim < history[1][1])
-    assert _next_target(history, aim) == pytest.approx(aim * 100 / slope)
+    assert next_target(history, aim) == pytest.approx(aim * 100 / slope)

@@ -15,7 +15,10 @@ import fxcompress
 from fxcompress.depth import planner
 from fxcompress.depth.importance import Calibration, Candidate, score_candidates
 from fxcompress.depth.planning import enumerate_options
-from fxcompress.pipeline.api import _Prepared, _solve, make_plan
+from fxcompress.meta import PLAN
+from fxcompress.pipeline import Prepared, make_plan, prepare_problem
+from fxcompress.pipeline.measure import Measure
+from fxcompress.pipeline.problem import solve_ms
 from fxcompress.testing import assert_equivalent
 
 
@@ -111,16 +114,14 @@ def test_infeasible_budget_names_the_minimum() -> None:
 
 
 def test_damage_non_increasing_and_latency_within_budget() -> None:
-    keep: list[_Prepared] = []
-    make_plan(_net(), 0.9, X, latency="flops", _keep=keep)
-    prep = keep[0]
+    prep = prepare_problem(_net(), 0.9, X, latency="flops")
     low = planner.min_latency(prep.problem)
     previous = float("inf")
     for fraction in [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]:
         target = fraction * prep.original
         if target < low:
             continue
-        plan = _solve(prep, target, {})
+        plan = solve_ms(prep, target)
         assert plan.predicted_ms <= target
         assert plan.damage <= previous + 1e-12
         previous = plan.damage
@@ -317,42 +318,40 @@ class _PredictingTable(fxcompress.LatencyTable):
         return "measure"
 
     def __call__(self, op):
-        from fxcompress.latency.table import analytic_ms
+        from fxcompress.latency.analytic import analytic_ms
 
         return analytic_ms(op)
 
 
-def _fake_timing(monkeypatch, ratio_of) -> list[float]:
-    """Replace whole-network timing by ``ratio_of(original, result)``; returns the ratios seen."""
-    import fxcompress.pipeline.api as api
-
+def _fake_timing(ratio_of) -> tuple[Measure, list[float]]:
+    """A whole-network "measurement" giving ``ratio_of(original, result)`` (optimize's
+    ``measure=``), and the ratios it gave."""
     seen: list[float] = []
 
-    def fake(table, a, b, inputs, pairs=15):
+    def measure(a, b, inputs):
         r = ratio_of(a, b)
         seen.append(r)
         return 10.0, 10.0 * r
 
-    monkeypatch.setattr(api, "_paired_latency", fake)
-    return seen
+    return measure, seen
 
 
-def test_closed_loop_raises_with_the_fastest_model_when_measurements_never_fit(
-    tmp_path, monkeypatch
-) -> None:
+def test_closed_loop_raises_with_the_fastest_model_when_measurements_never_fit(tmp_path) -> None:
     table = fxcompress.LatencyTable(mode="measure", repeats=2, warmup=0, cache_dir=tmp_path)
-    seen = _fake_timing(monkeypatch, lambda a, b: 0.99)
+    measure, seen = _fake_timing(lambda a, b: 0.99)
     with pytest.raises(fxcompress.InfeasibleBudget, match="missed on measurement") as info:
-        fxcompress.optimize(_net(), 0.8, example_inputs=X, latency=table, max_replans=2)
+        fxcompress.optimize(
+            _net(), 0.8, example_inputs=X, latency=table, max_replans=2, measure=measure
+        )
     assert info.value.minimum == pytest.approx(0.99)
     assert isinstance(info.value.result, fx.GraphModule)
     assert info.value.result(X).shape == _net()(X).shape
     assert 2 <= len(seen) <= 1 + 1 + 2  # make_plan's baseline pair + at most 1 + max_replans
 
 
-def test_a_measured_miss_still_fine_tunes_the_fastest_model(tmp_path, monkeypatch) -> None:
+def test_a_measured_miss_still_fine_tunes_the_fastest_model(tmp_path) -> None:
     table = fxcompress.LatencyTable(mode="measure", repeats=2, warmup=0, cache_dir=tmp_path)
-    _fake_timing(monkeypatch, lambda a, b: 0.99)
+    measure, _ = _fake_timing(lambda a, b: 0.99)
     tuned = []
 
     def finetune(relaxed: fx.GraphModule) -> None:
@@ -363,7 +362,13 @@ def test_a_measured_miss_still_fine_tunes_the_fastest_model(tmp_path, monkeypatc
 
     with pytest.raises(fxcompress.InfeasibleBudget, match="missed on measurement") as info:
         fxcompress.optimize(
-            _net(), 0.8, example_inputs=X, latency=table, max_replans=1, finetune=finetune
+            _net(),
+            0.8,
+            example_inputs=X,
+            latency=table,
+            max_replans=1,
+            finetune=finetune,
+            measure=measure,
         )
     (relaxed,) = tuned
     assert not relaxed.training
@@ -372,7 +377,7 @@ def test_a_measured_miss_still_fine_tunes_the_fastest_model(tmp_path, monkeypatc
     assert "finetune" in info.value.result.meta["fxcompress"].stage_seconds
 
 
-def test_closed_loop_replans_until_the_measurement_fits(tmp_path, monkeypatch) -> None:
+def test_closed_loop_replans_until_the_measurement_fits() -> None:
     def layers(gm):
         return sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in gm.modules())
 
@@ -380,9 +385,11 @@ def test_closed_loop_replans_until_the_measurement_fits(tmp_path, monkeypatch) -
         return 1.2 * layers(b) / layers(a)
 
     table = _PredictingTable(mode="flops")
-    seen = _fake_timing(monkeypatch, macs_ratio)
+    measure, seen = _fake_timing(macs_ratio)
     budget = 0.85  # the first plan measures far from the budget
-    out = fxcompress.optimize(_net(), budget, example_inputs=X, latency=table, max_replans=3)
+    out = fxcompress.optimize(
+        _net(), budget, example_inputs=X, latency=table, max_replans=3, measure=measure
+    )
     report = out.meta["fxcompress"]
     assert report.ratio <= 1.05 * budget
     assert report.ratio == pytest.approx(macs_ratio(fxcompress.capture(_net(), X), out))
@@ -430,21 +437,19 @@ def test_calibration_batches_of_another_shape_are_named() -> None:
         )
 
 
-def _measured_by_plan(monkeypatch, ratio_of_plan) -> list[fxcompress.Plan]:
-    """Fake timing: a plan's result measures ``ratio_of_plan(plan)``; returns the plans measured."""
-    import fxcompress.pipeline.api as api
-
+def _measured_by_plan(ratio_of_plan) -> tuple[Measure, list[fxcompress.Plan]]:
+    """Fake timing: a plan's result measures ``ratio_of_plan(plan)``; returns the measurement
+    and the plans it measured, in order."""
     measured: list[fxcompress.Plan] = []
-    real_relax = api.relax
 
-    def relax(model, plan, example_inputs=None):
-        measured.append(plan)  # the closed loop relaxes each plan right before timing it
-        return real_relax(model, plan, example_inputs)
+    def ratio(original, result):
+        if PLAN not in result.meta:
+            return 1.0  # make_plan's baseline pair (original vs exactly merged)
+        measured.append(fxcompress.Plan.from_dict(result.meta[PLAN]))  # set by relax
+        return ratio_of_plan(measured[-1])
 
-    monkeypatch.setattr(api, "relax", relax)
-    # make_plan's baseline pair (original vs exactly merged) measures 1.0
-    _fake_timing(monkeypatch, lambda a, b: ratio_of_plan(measured[-1]) if measured else 1.0)
-    return measured
+    measure, _ = _fake_timing(ratio)
+    return measure, measured
 
 
 @pytest.fixture(scope="module")
@@ -454,25 +459,24 @@ def scores_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def every_plan(scores_dir) -> tuple[_Prepared, list[tuple[float, fxcompress.Plan]]]:
+def every_plan(scores_dir) -> tuple[Prepared, list[tuple[float, fxcompress.Plan]]]:
     """Brute force over budgets: the distinct plans of ``_net`` with ``_PredictingTable`` (timed as
     by ``_measured_by_plan``), each with the lowest budget fraction on a fine grid giving it."""
-    with pytest.MonkeyPatch.context() as mp:
-        _fake_timing(mp, lambda a, b: 1.0)
-        keep: list[_Prepared] = []
-        table = _PredictingTable(mode="flops")
-        make_plan(_net(), 0.9, X, latency=table, cache_dir=scores_dir, _keep=keep)
-    prep = keep[0]
+    measure, _ = _fake_timing(lambda a, b: 1.0)
+    table = _PredictingTable(mode="flops")
+    prep = prepare_problem(_net(), 0.9, X, latency=table, cache_dir=scores_dir, measure=measure)
     low = planner.min_latency(prep.problem)
     found: dict[tuple, tuple[float, fxcompress.Plan]] = {}
     for i in range(401):
         target = low + (prep.original - low) * i / 400
-        plan = _solve(prep, target, {})
+        plan = solve_ms(prep, target)
         found.setdefault(plan.segments, (target / prep.original, plan))
     return prep, sorted(found.values(), key=lambda fp: fp[0])
 
 
-def _optimize_measured(budget: float, cache_dir: str, max_replans: int) -> fxcompress.Report:
+def _optimize_measured(
+    budget: float, cache_dir: str, max_replans: int, measure: Measure
+) -> fxcompress.Report:
     table = _PredictingTable(mode="flops")
     out = fxcompress.optimize(
         _net(),
@@ -482,6 +486,7 @@ def _optimize_measured(budget: float, cache_dir: str, max_replans: int) -> fxcom
         cache_dir=cache_dir,
         max_replans=max_replans,
         progress=False,
+        measure=measure,
     )
     return out.meta["fxcompress"]
 
@@ -492,15 +497,15 @@ def _in_band(ratio: float, budget: float) -> bool:
 
 @pytest.mark.parametrize("budget", [0.3, 0.5])
 def test_closed_loop_loosens_when_every_plan_measures_faster_than_predicted(
-    budget, every_plan, scores_dir, monkeypatch
+    budget, every_plan, scores_dir
 ) -> None:
     _, plans = every_plan
 
     def fast(plan: fxcompress.Plan) -> float:
         return 0.6 * plan.predicted_ms / plan.original_ms
 
-    measured = _measured_by_plan(monkeypatch, fast)
-    report = _optimize_measured(budget, scores_dir, max_replans=3)
+    measure, measured = _measured_by_plan(fast)
+    report = _optimize_measured(budget, scores_dir, max_replans=3, measure=measure)
     assert fast(measured[0]) < 0.85 * budget  # the first plan measures below the band
     assert report.replans[0]["direction"] == "looser"
     assert len(report.replans) == len(measured) - 1
@@ -510,7 +515,7 @@ def test_closed_loop_loosens_when_every_plan_measures_faster_than_predicted(
         assert _in_band(report.ratio, budget)
 
 
-def test_closed_loop_steps_past_a_plan_already_measured(every_plan, scores_dir, monkeypatch):
+def test_closed_loop_steps_past_a_plan_already_measured(every_plan, scores_dir):
     prep, plans = every_plan
     grid = (1 - planner.min_latency(prep.problem) / prep.original) / 400
     # the widest stretch of budgets giving one plan (not the fastest plan: its budget is the
@@ -526,13 +531,13 @@ def test_closed_loop_steps_past_a_plan_already_measured(every_plan, scores_dir, 
     k = 0.96 * goal * goal / (predicted * secant)
     assert 1.13 * goal < after - grid
     assert k * predicted < 0.85 * goal
-    assert _solve(prep, secant * prep.original, {}).segments == first.segments
+    assert solve_ms(prep, secant * prep.original).segments == first.segments
 
     def fast(plan: fxcompress.Plan) -> float:
         return k * plan.predicted_ms / plan.original_ms
 
-    measured = _measured_by_plan(monkeypatch, fast)
-    report = _optimize_measured(goal, scores_dir, max_replans=3)
+    measure, measured = _measured_by_plan(fast)
+    report = _optimize_measured(goal, scores_dir, max_replans=3, measure=measure)
     assert measured[0].segments == first.segments
     # the loop used to stop here, returning the plan measured below the band
     assert len(measured) >= 2
@@ -548,7 +553,7 @@ def test_closed_loop_steps_past_a_plan_already_measured(every_plan, scores_dir, 
 
 
 def test_closed_loop_bisects_when_the_measured_curve_jumps_across_the_band(
-    every_plan, scores_dir, monkeypatch
+    every_plan, scores_dir
 ) -> None:
     _, plans = every_plan
     # Plan i is the only one measured in the band; those before it measure 0.8 x goal (too fast),
@@ -570,8 +575,8 @@ def test_closed_loop_bisects_when_the_measured_curve_jumps_across_the_band(
             return 0.8 * goal
         return goal if plan.predicted_ms < stop else 2 * goal
 
-    measured = _measured_by_plan(monkeypatch, step_like)
-    report = _optimize_measured(goal, scores_dir, max_replans=4)
+    measure, measured = _measured_by_plan(step_like)
+    report = _optimize_measured(goal, scores_dir, max_replans=4, measure=measure)
     ratios = [step_like(p) for p in measured]
     assert ratios[:2] == [0.8 * goal, 2 * goal]  # below the band, then above it
     hows = [r["how"] for r in report.replans]

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from torch import fx, nn
 
 import fxcompress
-from fxcompress.depth.selection import choose
 from fxcompress.errors import InvalidArgument
+from fxcompress.pipeline.selection import choose
 
 
 def _net() -> nn.Module:
@@ -177,16 +177,13 @@ def test_a_best_plan_without_damage_is_kept_untried() -> None:
     assert report.decisions == plain.meta["fxcompress"].decisions
 
 
-def _optimize_timed(monkeypatch, runners_up: list[float], k: int) -> tuple[list[dict], int]:
+def _optimize_timed(runners_up: list[float], k: int) -> tuple[list[dict], int]:
     """``optimize`` on a deterministic "measured" table whose whole-network timings are faked:
     the table's calibration (the model against its exact merge), the chosen plan in the band at
     0.55, then ``runners_up`` in turn. Returns the trials and how many plans were trained."""
     from test_optimize import _PredictingTable
 
-    import fxcompress.pipeline.api as api
-
     seq = iter([1.0, 0.55, *runners_up])
-    monkeypatch.setattr(api, "_paired_latency", lambda t, a, b, i, pairs=15: (10.0, 10 * next(seq)))
     trained: list[int] = []
     out = fxcompress.optimize(
         _net(),
@@ -195,12 +192,13 @@ def _optimize_timed(monkeypatch, runners_up: list[float], k: int) -> tuple[list[
         latency=_PredictingTable(),
         plan_candidates=k,
         trial_finetune=lambda relaxed: trained.append(1),
+        measure=lambda original, result, inputs: (10.0, 10 * next(seq)),
     )
     return out.meta["fxcompress"].trials, len(trained)
 
 
-def test_plans_measured_too_slow_are_not_trained(monkeypatch) -> None:
-    trials, trained = _optimize_timed(monkeypatch, [0.9] * 50, k=4)
+def test_plans_measured_too_slow_are_not_trained() -> None:
+    trials, trained = _optimize_timed([0.9] * 50, k=4)
     assert len(trials) >= 2
     assert trained == 1
     assert trials[0]["chosen"]
@@ -209,8 +207,8 @@ def test_plans_measured_too_slow_are_not_trained(monkeypatch) -> None:
     assert len(trials) - 1 <= 2 * (4 - 1)  # runners-up timed at most
 
 
-def test_slow_runners_up_are_passed_over_until_enough_can_be_trained(monkeypatch) -> None:
-    trials, trained = _optimize_timed(monkeypatch, [0.9, 0.55] * 50, k=3)
+def test_slow_runners_up_are_passed_over_until_enough_can_be_trained() -> None:
+    trials, trained = _optimize_timed([0.9, 0.55] * 50, k=3)
     assert trained == 3  # the best plan and two runners-up measured in the band
     assert [t["measured_ratio"] for t in trials] == [0.55, 0.9, 0.55, 0.9, 0.55]
     assert [t["score"] is None for t in trials] == [False, True, False, True, False]
