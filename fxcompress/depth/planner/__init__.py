@@ -66,7 +66,7 @@ test oracle and for tiny instances.
 
 Modules: :mod:`.checks` (validation of numbers and JSON), :mod:`.problem` (the input and output
 types), :mod:`.index` (the validated, canonically ordered view of a problem), :mod:`.extremes`
-(exact lowest latency), :mod:`.dp` (the dynamic programme and :func:`solve`), :mod:`.ranked`
+(exact lowest latency), :mod:`.dp` (the dynamic programme and :func:`solve`), :mod:`.runners_up`
 (:func:`alternatives`, :func:`ranked`, :func:`pareto_front`) and :mod:`.exhaustive` (the oracle).
 None imports torch.
 
@@ -90,7 +90,7 @@ from fxcompress.depth.planner.dp import solve
 from fxcompress.depth.planner.exhaustive import solve_exhaustive
 from fxcompress.depth.planner.extremes import min_latency
 from fxcompress.depth.planner.problem import ChainSpec, Choice, Problem, Solution, Span
-from fxcompress.depth.planner.ranked import alternatives, pareto_front, ranked
+from fxcompress.depth.planner.runners_up import alternatives, pareto_front, ranked
 from fxcompress.depth.segment import Segment
 
 #: The former name of a solution's decision (now the one :class:`Segment` type); kept while the

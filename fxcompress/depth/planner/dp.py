@@ -13,7 +13,7 @@ from fractions import Fraction
 import numpy as np
 
 from fxcompress.depth.planner.checks import check_budget, integer
-from fxcompress.depth.planner.extremes import Extremes, extremes
+from fxcompress.depth.planner.extremes import Extremes, find_extremes
 from fxcompress.depth.planner.index import Index, PlacedChoice
 from fxcompress.depth.planner.problem import (
     Problem,
@@ -280,7 +280,7 @@ latency=1.0, damage=0.7, budget=2.0)
     idx = index_of(problem)
     budget = check_budget(budget)
     resolution = integer(resolution, "resolution", minimum=1)
-    ext = extremes(problem, idx)
+    ext = find_extremes(problem, idx)
     lowest = float(ext.min_latency)
     if budget < lowest:
         raise InfeasibleBudget(

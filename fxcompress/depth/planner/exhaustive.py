@@ -9,7 +9,7 @@ from collections.abc import Iterable
 
 from fxcompress.depth.planner.checks import check_budget
 from fxcompress.depth.planner.dp import TIE_RTOL
-from fxcompress.depth.planner.extremes import extremes
+from fxcompress.depth.planner.extremes import find_extremes
 from fxcompress.depth.planner.index import Index, PlacedChoice
 from fxcompress.depth.planner.problem import (
     Problem,
@@ -77,7 +77,7 @@ def solve_exhaustive(problem: Problem, budget: float) -> Solution:
     """
     idx = index_of(problem)
     budget = check_budget(budget)
-    lowest = float(extremes(problem, idx).min_latency)
+    lowest = float(find_extremes(problem, idx).min_latency)
     if budget < lowest:
         raise InfeasibleBudget(
             f"budget {budget!r} ms is below the lowest reachable latency {lowest!r} ms",

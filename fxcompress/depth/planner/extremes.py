@@ -10,7 +10,7 @@ from fractions import Fraction
 from fxcompress.depth.planner.index import Index, PlacedChoice
 from fxcompress.depth.planner.problem import Problem, index_of
 
-__all__ = ["Extremes", "extremes", "min_latency"]
+__all__ = ["Extremes", "find_extremes", "min_latency"]
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,7 @@ class Extremes:
     max_count: int  # most choices in one configuration
 
 
-def extremes(problem: Problem, idx: Index) -> Extremes:
+def find_extremes(problem: Problem, idx: Index) -> Extremes:
     """Exact (rational) lowest/highest latency and largest size over all configurations."""
     low: dict[str, tuple[Fraction, Fraction, tuple[PlacedChoice, ...]]] = {}
     high: dict[str, Fraction] = {}
@@ -75,4 +75,4 @@ def min_latency(problem: Problem) -> float:
     0.30000000000000004
     """
     idx = index_of(problem)
-    return float(extremes(problem, idx).min_latency)
+    return float(find_extremes(problem, idx).min_latency)

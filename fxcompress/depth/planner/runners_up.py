@@ -1,4 +1,5 @@
-"""Runners-up and trade-offs: :func:`alternatives`, :func:`ranked` and :func:`pareto_front`."""
+"""Beyond the single best plan: the runners-up (:func:`alternatives`, :func:`ranked`) and the
+trade-off front (:func:`pareto_front`)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from fxcompress.depth.planner.dp import (
     solve,
     time_grid,
 )
-from fxcompress.depth.planner.extremes import extremes
+from fxcompress.depth.planner.extremes import find_extremes
 from fxcompress.depth.planner.problem import (
     Problem,
     Solution,
@@ -169,7 +170,7 @@ def pareto_front(problem: Problem, *, resolution: int = 2000) -> tuple[tuple[flo
     """
     idx = index_of(problem)
     resolution = integer(resolution, "resolution", minimum=1)
-    tables = full_range(problem, idx, extremes(problem, idx), resolution)
+    tables = full_range(problem, idx, find_extremes(problem, idx), resolution)
     points = set()
     for t in breakpoints(tables.final).tolist():
         solution = make_solution(problem, backtrack(tables, t), math.inf)
