@@ -246,7 +246,7 @@ class Ctx:
 
 
 def drop_available() -> bool:
-    return "drop" in getattr(fxcompress.pipeline.api, "ALL_METHODS", ())
+    return "drop" in getattr(fxcompress.pipeline.checks, "ALL_METHODS", ())
 
 
 def run_fxcompress(
@@ -362,7 +362,7 @@ def run_layer_drop(ctx: Ctx, target: float) -> tuple[nn.Module, str]:
         r, _ = ratio(ctx.ref_d, deployable(m, ctx.x1), ctx.x1, ctx.S.search_pairs)
         ms[name] = max(0.0, (1 - r) * ctx.ref_ms)
         keep, drop = planner.Choice("keep", ms[name], 0.0), planner.Choice("drop", 0.0, dmg)
-        segs.append(planner.Chain(name, 1, (planner.Segment(0, 1, (keep, drop)),)))
+        segs.append(planner.ChainSpec(name, 1, (planner.Span(0, 1, (keep, drop)),)))
     problem = planner.Problem(tuple(segs), fixed_latency=max(0.0, ctx.ref_ms - sum(ms.values())))
     try:
         sol = planner.solve(problem, target * ctx.ref_ms)

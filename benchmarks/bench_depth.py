@@ -29,7 +29,7 @@ import torchvision
 
 import fxcompress
 from fxcompress.depth import planner
-from fxcompress.pipeline.api import _Prepared, make_plan
+from fxcompress.pipeline import prepare_problem
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -94,9 +94,7 @@ def end_to_end_resnet34(size: int) -> dict:
         times[label] = round(time.perf_counter() - t0, 1)
     shutil.rmtree(cache, ignore_errors=True)
     # the DP alone, on the prepared problem
-    keep: list[_Prepared] = []
-    make_plan(model, 0.6, x, latency="flops", _keep=keep)
-    prep = keep[0]
+    prep = prepare_problem(model, 0.6, x, latency="flops")
     dp = []
     for _ in range(5):
         t0 = time.perf_counter()

@@ -58,13 +58,13 @@ def min_latency_fraction(analysis: fxcompress.Analysis, gm: torch.fx.GraphModule
     from fxcompress.depth import planner
     from fxcompress.depth.planning import baseline_latency, build_problem, enumerate_options
     from fxcompress.latency.table import LatencyTable
-    from fxcompress.pipeline.api import _rest_estimate
+    from fxcompress.pipeline.pricing import rest_estimate
 
     table = LatencyTable(mode="flops", device="cpu", progress=False)
     dtype = "float32"
     options = enumerate_options(analysis, prune=True)
     baseline = baseline_latency(analysis, table, dtype)
-    original = baseline + _rest_estimate(gm, analysis, table, dtype)
+    original = baseline + rest_estimate(gm, analysis, table, dtype)
     problem = build_problem(
         analysis,
         options,
