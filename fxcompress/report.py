@@ -138,7 +138,7 @@ class Report:
     #: Pareto front of the plan: ``[predicted_ms, damage]`` pairs, fastest first.
     front: list[list[float]] = field(default_factory=list)
     #: with ``plan_candidates > 1``: every plan considered
-    #: (see :class:`fxcompress.depth.selection.Trial`)
+    #: (see :class:`fxcompress.pipeline.selection.Trial`)
     trials: list[dict[str, Any]] = field(default_factory=list)
     #: the budget as it was asked: one of ``fraction``, ``latency_ms``, ``speedup``, ``params``,
     #: ``macs`` and its value
