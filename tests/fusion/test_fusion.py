@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from torch import fx, nn
 
 from fxcompress.errors import InfeasibleBudget, InvalidArgument
-from fxcompress.fusion.align import align_block, linear_sum_assignment
 from fxcompress.fusion import find_blocks, fuse
+from fxcompress.fusion.align import align_block, linear_sum_assignment
 from fxcompress.fusion.similarity import linear_cka, weight_cosine
 from fxcompress.graph.capture import capture
 from fxcompress.testing import assert_equivalent
