@@ -214,8 +214,15 @@ def optimize(
     measure = measure if measure is not None else PairedLatency(table)
     if methods == ("lowrank",):
         return optimize_lowrank(
-            model, b, inputs, table=table, measure=measure, finetune=finetune, check=check,
-            progress=progress, leaf_modules=leaf_modules,
+            model,
+            b,
+            inputs,
+            table=table,
+            measure=measure,
+            finetune=finetune,
+            check=check,
+            progress=progress,
+            leaf_modules=leaf_modules,
         )
     watch = Stopwatch()
     with watch("capture"):  # the one capture of this call: every later stage starts from it
@@ -241,8 +248,15 @@ def optimize(
         if eager is not None:
             check_outputs(eager, captured.gm, inputs, "capture and canonicalization")
         how = Planning(
-            methods, data, loss_fn, cache_dir, progress, calibration_batches, executor,
-            importance_checkpoint, candidate_finetune,
+            methods,
+            data,
+            loss_fn,
+            cache_dir,
+            progress,
+            calibration_batches,
+            executor,
+            importance_checkpoint,
+            candidate_finetune,
         )
         stages = _Stages(captured, table, measure, check, report, watch)
         result = stages.compress(b, how, finetune, trial, max_replans, plan_candidates)
@@ -334,9 +348,14 @@ class _Stages:
         elif trial is not None:
             with watch("select"):
                 picked = choose_by_trial(
-                    self.builder, prepared, (plan, relaxed, ratio), count=plan_candidates,
-                    trial=trial, measure=self.measure if self.measured else None,
-                    limit=outcome.limit, how=how,
+                    self.builder,
+                    prepared,
+                    (plan, relaxed, ratio),
+                    count=plan_candidates,
+                    trial=trial,
+                    measure=self.measure if self.measured else None,
+                    limit=outcome.limit,
+                    how=how,
                 )
             plan, ratio, trained = picked.plan, picked.ratio, picked.trained
             report.trials = picked.trials

@@ -37,9 +37,7 @@ __all__ = [
 logger = logging.getLogger("fxcompress")
 
 
-def latency_table(
-    latency: Any, device: str, cache_dir: Any, progress: bool | None
-) -> LatencyTable:
+def latency_table(latency: Any, device: str, cache_dir: Any, progress: bool | None) -> LatencyTable:
     """``latency`` itself if it is a table, else a table of that mode on ``device``."""
     if isinstance(latency, LatencyTable):
         return latency

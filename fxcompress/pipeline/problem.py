@@ -147,7 +147,12 @@ def prepare(
     )
     leaf = tuple(map(str, captured.leaf_modules))
     return Prepared(
-        problem, tuple(options), pricing.original, captured.inputs, leaf, how.resolution,
+        problem,
+        tuple(options),
+        pricing.original,
+        captured.inputs,
+        leaf,
+        how.resolution,
         watch.seconds,
     )
 
@@ -275,8 +280,16 @@ def prepare_problem(
     inputs = inputs_for(example_inputs, data)
     captured = capture_once(model, inputs, leaf_modules=leaf_modules)
     how = Planning(
-        methods, data, loss_fn, cache_dir, progress, calibration_batches, executor,
-        importance_checkpoint, candidate_finetune, resolution,
+        methods,
+        data,
+        loss_fn,
+        cache_dir,
+        progress,
+        calibration_batches,
+        executor,
+        importance_checkpoint,
+        candidate_finetune,
+        resolution,
     )
     table = latency_table(latency, device or device_of(model), cache_dir, progress)
     return prepare(captured, how, table, measure)
@@ -316,10 +329,22 @@ def make_plan(
         reachable fraction of the original latency.
     """
     prepared = prepare_problem(
-        model, budget, example_inputs, data=data, loss_fn=loss_fn, latency=latency,
-        device=device, methods=methods, cache_dir=cache_dir, progress=progress,
-        calibration_batches=calibration_batches, executor=executor,
-        importance_checkpoint=importance_checkpoint, candidate_finetune=candidate_finetune,
-        leaf_modules=leaf_modules, resolution=resolution, measure=measure,
+        model,
+        budget,
+        example_inputs,
+        data=data,
+        loss_fn=loss_fn,
+        latency=latency,
+        device=device,
+        methods=methods,
+        cache_dir=cache_dir,
+        progress=progress,
+        calibration_batches=calibration_batches,
+        executor=executor,
+        importance_checkpoint=importance_checkpoint,
+        candidate_finetune=candidate_finetune,
+        leaf_modules=leaf_modules,
+        resolution=resolution,
+        measure=measure,
     )
     return solve(prepared, budget)
