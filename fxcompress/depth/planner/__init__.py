@@ -91,16 +91,10 @@ from fxcompress.depth.planner.exhaustive import solve_exhaustive
 from fxcompress.depth.planner.extremes import min_latency
 from fxcompress.depth.planner.problem import ChainSpec, Choice, Problem, Solution, Span
 from fxcompress.depth.planner.runners_up import alternatives, pareto_front, ranked
-from fxcompress.depth.segment import Segment
-
-#: The former name of a solution's decision (now the one :class:`Segment` type); kept while the
-#: pipeline moves to ``Segment``.
-Decision = Segment
 
 __all__ = [
     "ChainSpec",
     "Choice",
-    "Decision",
     "Problem",
     "Solution",
     "Span",
