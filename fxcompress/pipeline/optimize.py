@@ -248,15 +248,15 @@ def optimize(
         if eager is not None:
             check_outputs(eager, captured.gm, inputs, "capture and canonicalization")
         how = Planning(
-            methods,
-            data,
-            loss_fn,
-            cache_dir,
-            progress,
-            calibration_batches,
-            executor,
-            importance_checkpoint,
-            candidate_finetune,
+            methods=methods,
+            data=data,
+            loss_fn=loss_fn,
+            cache_dir=cache_dir,
+            progress=progress,
+            calibration_batches=calibration_batches,
+            executor=executor,
+            importance_checkpoint=importance_checkpoint,
+            candidate_finetune=candidate_finetune,
         )
         stages = _Stages(captured, table, measure, check, report, watch)
         result = stages.compress(b, how, finetune, trial, max_replans, plan_candidates)

@@ -280,16 +280,16 @@ def prepare_problem(
     inputs = inputs_for(example_inputs, data)
     captured = capture_once(model, inputs, leaf_modules=leaf_modules)
     how = Planning(
-        methods,
-        data,
-        loss_fn,
-        cache_dir,
-        progress,
-        calibration_batches,
-        executor,
-        importance_checkpoint,
-        candidate_finetune,
-        resolution,
+        methods=methods,
+        data=data,
+        loss_fn=loss_fn,
+        cache_dir=cache_dir,
+        progress=progress,
+        calibration_batches=calibration_batches,
+        executor=executor,
+        importance_checkpoint=importance_checkpoint,
+        candidate_finetune=candidate_finetune,
+        resolution=resolution,
     )
     table = latency_table(latency, device or device_of(model), cache_dir, progress)
     return prepare(captured, how, table, measure)
