@@ -26,7 +26,7 @@ from torch import nn
 
 import fxcompress
 from fxcompress.depth import planner
-from fxcompress.depth.planning import build_problem, enumerate_options
+from fxcompress.depth.options import build_problem, enumerate_options
 from fxcompress.latency import LatencyTable
 
 RESULTS = Path(__file__).parent / "results"

@@ -56,7 +56,7 @@ def min_latency_fraction(analysis: fxcompress.Analysis, gm: torch.fx.GraphModule
     them only costs this optional column).
     """
     from fxcompress.depth import planner
-    from fxcompress.depth.planning import baseline_latency, build_problem, enumerate_options
+    from fxcompress.depth.options import baseline_latency, build_problem, enumerate_options
     from fxcompress.latency.table import LatencyTable
     from fxcompress.pipeline.pricing import rest_estimate
 

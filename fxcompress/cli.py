@@ -332,7 +332,7 @@ def _cmd_latency(args: argparse.Namespace) -> int:
     )
     if args.model:
         import fxcompress
-        from fxcompress.depth.planning import enumerate_options, option_latency
+        from fxcompress.depth.options import enumerate_options, option_latency
 
         model = _load_model(args.model, args.allow_pickle)
         x = torch.randn(*_shape(args.input_shape))

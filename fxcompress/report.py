@@ -299,7 +299,7 @@ def _describe(
 ) -> dict[str, Any]:
     """Names and merged shape of a segment of chain ``items`` (see :meth:`Report.decisions_of`)."""
     from fxcompress.depth.analysis import Residual, geometry
-    from fxcompress.depth.planning import DROP
+    from fxcompress.depth.segment import DROP
 
     nodes = {n.name: n for n in gm.graph.nodes}
 
@@ -373,7 +373,7 @@ def _span(d: Mapping[str, Any]) -> str:
 
 
 def _merged_text(d: Mapping[str, Any]) -> str:
-    from fxcompress.depth.planning import DROP
+    from fxcompress.depth.segment import DROP
 
     key = d.get("key", "")
     if key == DROP:

@@ -46,14 +46,13 @@ from fxcompress.errors import InvalidArgument
 from fxcompress.graph.aliasing import mutated_input
 from fxcompress.graph.util import clone_tensors
 
-__all__ = ["Calibration", "Candidate", "score_candidates"]  # Candidate: an alias of Segment
+__all__ = ["Calibration", "score_candidates"]
 
 logger = logging.getLogger("fxcompress.importance")
 
 
 #: The former name of an option to score, now the one :class:`Segment` type (relax ``chain``
 #: items ``start..stop`` with ``pruned`` units removed); kept while the pipeline moves to it.
-Candidate = Segment
 
 
 @dataclass

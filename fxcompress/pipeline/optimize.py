@@ -24,7 +24,7 @@ from fxcompress import meta
 from fxcompress.budget import Budget, as_budget
 from fxcompress.data import inputs_for
 from fxcompress.depth.merge import merge
-from fxcompress.depth.planning import baseline_latency
+from fxcompress.depth.options import baseline_latency
 from fxcompress.errors import InfeasibleBudget
 from fxcompress.latency.table import LatencyTable
 from fxcompress.pipeline.build import Builder

@@ -17,7 +17,8 @@ from torch import fx, nn
 
 from fxcompress.depth.analysis import Analysis, Residual, units_of
 from fxcompress.depth.merge import merge
-from fxcompress.depth.planning import baseline_latency, item_latency
+from fxcompress.depth.options import baseline_latency, item_latency
+from fxcompress.depth.segment import Segment
 from fxcompress.errors import InvalidArgument
 from fxcompress.graph.util import shape_of
 from fxcompress.latency import LatencyTable, OpSpec
@@ -64,10 +65,10 @@ def dtype_name(gm: fx.GraphModule) -> str:
 
 
 def kept_latency(
-    opt: Any, analysis: Analysis, table: Callable[[OpSpec], float], dtype: str
+    segment: Segment, analysis: Analysis, table: Callable[[OpSpec], float], dtype: str
 ) -> float:
-    """Predicted latency of an option's items kept as they are."""
-    items = analysis.chain(opt.chain).items[opt.start : opt.stop]
+    """Predicted latency of a segment's items kept as they are."""
+    items = analysis.chain(segment.chain).items[segment.start : segment.stop]
     return sum(item_latency(it, table, dtype) for it in items)
 
 

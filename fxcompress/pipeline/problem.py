@@ -21,7 +21,7 @@ from fxcompress.budget import Budget, as_budget
 from fxcompress.data import inputs_for
 from fxcompress.depth import planner
 from fxcompress.depth.importance import Calibration, fingerprint, score_candidates
-from fxcompress.depth.planning import build_problem, enumerate_options, option_latency
+from fxcompress.depth.options import build_problem, enumerate_options, option_latency
 from fxcompress.depth.segment import DROP, KEEP, Segment
 from fxcompress.errors import InfeasibleBudget, InvalidArgument
 from fxcompress.latency.table import LatencyTable
@@ -137,7 +137,7 @@ def prepare(
             for o in options
             if not o.needs_score
             or option_latency(o, analysis, pricing.table, pricing.dtype)
-            < kept_latency(o, analysis, pricing.table, pricing.dtype)
+            < kept_latency(o.segment, analysis, pricing.table, pricing.dtype)
         ]
     with watch("importance"):
         scores = _scores(captured, options, how)
@@ -185,7 +185,7 @@ def plan_of(
     front: tuple[tuple[float, float], ...],
 ) -> Plan:
     """The :class:`Plan` of a planner solution for the budget ``target`` (ms)."""
-    pruned_of = {o.id: o.pruned for o in prep.options}
+    pruned_of = {o.id: o.segment.pruned for o in prep.options}
     segments = tuple(d._replace(pruned=tuple(pruned_of.get(d.id, ()))) for d in solution.decisions)
     return Plan(
         segments=segments,

@@ -65,7 +65,7 @@ class Trial:
 
 
 @dataclass(frozen=True)
-class Choice(Generic[P]):
+class Selected(Generic[P]):
     """The outcome of :func:`choose`: the kept plan, its trained relaxed network, all trials."""
 
     index: int
@@ -84,7 +84,7 @@ def choose(
     trial: Callable[[nn.Module], None],
     score: Callable[[nn.Module], float],
     progress: bool | None = None,
-) -> Choice[P]:
+) -> Selected[P]:
     """Train every plan measured within ``limit`` with ``trial`` and keep the best scoring.
 
     Parameters
@@ -107,7 +107,7 @@ def choose(
 
     Returns
     -------
-    Choice
+    Selected
 
     Examples
     --------
@@ -157,4 +157,4 @@ def choose(
     for i, plan in enumerate(plans):
         damage, predicted = describe(plan)
         trials.append(Trial(i, damage, predicted, ratios[i], scores.get(i), chosen=i == index))
-    return Choice(index, plans[index], trained, tuple(trials))
+    return Selected(index, plans[index], trained, tuple(trials))

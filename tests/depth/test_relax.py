@@ -17,7 +17,7 @@ from torch import nn
 
 import fxcompress
 from fxcompress.depth.analysis import Residual, units_of
-from fxcompress.depth.planning import enumerate_options
+from fxcompress.depth.options import enumerate_options
 from fxcompress.depth.relax import apply_segments
 
 
@@ -71,16 +71,17 @@ def test_options_merge_exactly_on_torchvision(name: str, size: int, samples: int
     assert options
     step = max(1, len(options) // samples)
     for opt in options[::step]:  # a deterministic spread of options keeps the test fast
-        relaxed = apply_segments(gm, analysis, [(opt.chain, opt.start, opt.stop, opt.pruned)])
+        seg = opt.segment
+        relaxed = apply_segments(gm, analysis, [(seg.chain, seg.start, seg.stop, seg.pruned)])
         merged = fxcompress.merge(relaxed)
         with torch.no_grad():
             err = _rel_err(merged(x), relaxed(x))
         assert err <= 1e-9, (opt, err)
         # independently: the segment's convs (branches and shortcuts, minus pruned) became one
-        items = analysis.chain(opt.chain).items[opt.start : opt.stop]
-        n_kept = sum(1 for it in items for u in units_of(it) if u.layer not in opt.pruned)
+        items = analysis.chain(opt.segment.chain).items[opt.segment.start : opt.segment.stop]
+        n_kept = sum(1 for it in items for u in units_of(it) if u.layer not in opt.segment.pruned)
         # (exact skip folds that the relaxation newly enables may merge even more)
-        assert _convs(merged) <= base_convs - len(opt.pruned) - (n_kept - 1), opt
+        assert _convs(merged) <= base_convs - len(opt.segment.pruned) - (n_kept - 1), opt
 
 
 def test_relaxing_nothing_is_the_identity() -> None:
@@ -162,16 +163,16 @@ def test_random_segments_merge_exactly(
     parent = {c.name: c.parent for c in analysis.chains}
     chosen, used, merged_res, relaxed_branches = [], set(), set(), set()
     for opt in data.draw(st.permutations(options)):
-        span = {(opt.chain, i) for i in range(opt.start, opt.stop)}
-        items = analysis.chain(opt.chain).items[opt.start : opt.stop]
+        span = {(opt.segment.chain, i) for i in range(opt.segment.start, opt.segment.stop)}
+        items = analysis.chain(opt.segment.chain).items[opt.segment.start : opt.segment.stop]
         inner = {it.add for it in items if isinstance(it, Residual)}
-        if span & used or inner & relaxed_branches or parent[opt.chain] in merged_res:
+        if span & used or inner & relaxed_branches or parent[opt.segment.chain] in merged_res:
             continue
-        chosen.append((opt.chain, opt.start, opt.stop, opt.pruned))
+        chosen.append((opt.segment.chain, opt.segment.start, opt.segment.stop, opt.segment.pruned))
         used |= span
         merged_res |= inner
-        if parent[opt.chain] is not None:
-            relaxed_branches.add(parent[opt.chain])
+        if parent[opt.segment.chain] is not None:
+            relaxed_branches.add(parent[opt.segment.chain])
         if len(chosen) >= 3:
             break
     relaxed = apply_segments(gm, analysis, chosen)
@@ -200,7 +201,7 @@ class _PrunedBeforeResidual(nn.Module):
 
 
 def test_pruned_layer_feeding_a_residual_fork_keeps_the_skip_aligned() -> None:
-    from fxcompress.depth.planning import enumerate_options
+    from fxcompress.depth.options import enumerate_options
     from fxcompress.depth.relax import apply_segments
 
     torch.manual_seed(0)
@@ -208,10 +209,15 @@ def test_pruned_layer_feeding_a_residual_fork_keeps_the_skip_aligned() -> None:
     x = torch.randn(1, 1, 5, 5, dtype=torch.float64)
     gm = fxcompress.canonicalize(fxcompress.capture(model, x))
     analysis = fxcompress.analyze(gm)
-    options = [o for o in enumerate_options(analysis, prune=True) if o.pruned and o.stop > 2]
+    options = [
+        o
+        for o in enumerate_options(analysis, prune=True)
+        if o.segment.pruned and o.segment.stop > 2
+    ]
     assert options, "the case needs a pruned layer before the residual"
     for o in options:
-        relaxed = apply_segments(gm, analysis, [(o.chain, o.start, o.stop, o.pruned)])
+        s = o.segment
+        relaxed = apply_segments(gm, analysis, [(s.chain, s.start, s.stop, s.pruned)])
         out = relaxed(x)  # used to fail: the skip was not padded like the branch
         assert out.shape == model(x).shape
         torch.testing.assert_close(fxcompress.merge(relaxed)(x), out, rtol=1e-9, atol=1e-12)

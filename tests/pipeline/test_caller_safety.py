@@ -15,8 +15,8 @@ from torch import fx, nn
 import fxcompress
 from fxcompress import Budget, CaptureError, InvalidArgument, RewriteError
 from fxcompress.depth.analysis import analyze
-from fxcompress.depth.importance import Calibration, Candidate, score_candidates
-from fxcompress.depth.planning import enumerate_options
+from fxcompress.depth.importance import Calibration, score_candidates
+from fxcompress.depth.options import enumerate_options
 from fxcompress.graph.canonicalize import canonicalize
 from fxcompress.graph.capture import Hooked, capture, forward_hooks
 from fxcompress.graph.recognise import ACTIVATIONS
@@ -223,7 +223,7 @@ def test_scoring_sees_fresh_inputs_on_every_run():
     gm = canonicalize(capture(model, data[0]))
     analysis = analyze(gm)
     options = [o for o in enumerate_options(analysis, prune=True, drop=False) if o.needs_score]
-    candidates = [Candidate(o.chain, o.start, o.stop, o.key, o.pruned) for o in options]
+    candidates = [o.segment for o in options]
     calib = Calibration([(d,) for d in data], [None] * len(data))
     first = score_candidates(gm, analysis, candidates, calib, progress=False)
     again = score_candidates(gm, analysis, candidates, calib, progress=False)

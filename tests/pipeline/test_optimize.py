@@ -13,8 +13,8 @@ from torch import fx, nn
 
 import fxcompress
 from fxcompress.depth import planner
-from fxcompress.depth.importance import Calibration, Candidate, score_candidates
-from fxcompress.depth.planning import enumerate_options
+from fxcompress.depth.importance import Calibration, score_candidates
+from fxcompress.depth.options import enumerate_options
 from fxcompress.meta import PLAN
 from fxcompress.pipeline import Prepared, make_plan, prepare_problem
 from fxcompress.pipeline.measure import Measure
@@ -175,11 +175,7 @@ def _scoring_setup():
     net = _net()
     gm = fxcompress.canonicalize(fxcompress.capture(net, X))
     analysis = fxcompress.analyze(gm)
-    cands = [
-        Candidate(o.chain, o.start, o.stop, o.key, o.pruned)
-        for o in enumerate_options(analysis, prune=True)
-        if o.needs_score
-    ]
+    cands = [o.segment for o in enumerate_options(analysis, prune=True) if o.needs_score]
     return gm, analysis, cands, Calibration([(X,)], [None])
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from fxcompress.depth.analysis import (
     Analysis,
@@ -47,7 +46,7 @@ class SegmentOption:
     Examples
     --------
     >>> option = SegmentOption(Segment("body", 0, 1, "keep"), None, "relu")
-    >>> option.id, option.needs_score, option.chain
+    >>> option.id, option.needs_score, option.segment.chain
     ('body:0-1:keep', False, 'body')
     """
 
@@ -64,12 +63,6 @@ class SegmentOption:
     def needs_score(self) -> bool:
         """Whether the option changes the network (so its damage must be measured)."""
         return self.segment.key != KEEP
-
-    def __getattr__(self, name: str) -> Any:
-        """``chain``, ``start``, ``stop``, ``key`` and ``pruned``: the segment's fields."""
-        if name in Segment._fields:
-            return getattr(self.segment, name)
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
 
 def enumerate_options(
@@ -189,13 +182,14 @@ def _dropped_latency(res: Residual, latency: LatencyFn, dtype: str) -> float:
 def option_latency(opt: SegmentOption, analysis: Analysis, latency: LatencyFn, dtype: str) -> float:
     """Latency of the option's segment as the option implements it (for ``"keep"`` of a residual:
     everything but its branch, which is planned as a chain of its own)."""
-    chain = analysis.chain(opt.chain)
-    if opt.key == DROP:
-        res = chain.items[opt.start]
+    seg = opt.segment
+    chain = analysis.chain(seg.chain)
+    if seg.key == DROP:
+        res = chain.items[seg.start]
         assert isinstance(res, Residual)
         return _dropped_latency(res, latency, dtype)
-    if opt.key == KEEP:
-        item = chain.items[opt.start]
+    if seg.key == KEEP:
+        item = chain.items[seg.start]
         if isinstance(item, Residual):
             return _residual_overhead(item, latency, dtype)
         return item_latency(item, latency, dtype)
@@ -215,17 +209,18 @@ def build_problem(
     """The planner's problem: one planner chain per analysis chain."""
     by_chain: dict[str, dict[tuple[int, int], list[Choice]]] = {}
     for opt in options:
-        chain = analysis.chain(opt.chain)
+        seg = opt.segment
+        chain = analysis.chain(seg.chain)
         sub: tuple[str, ...] = ()
-        if opt.key == KEEP and isinstance(chain.items[opt.start], Residual):
-            sub = (f"{chain.items[opt.start].add}.branch",)
+        if seg.key == KEEP and isinstance(chain.items[seg.start], Residual):
+            sub = (f"{chain.items[seg.start].add}.branch",)
         choice = Choice(
-            key=opt.key,
+            key=seg.key,
             latency=option_latency(opt, analysis, latency, dtype),
-            damage=0.0 if opt.key == KEEP else max(0.0, float(damages[opt.id])),
+            damage=0.0 if seg.key == KEEP else max(0.0, float(damages[opt.id])),
             sub=sub,
         )
-        by_chain.setdefault(opt.chain, {}).setdefault((opt.start, opt.stop), []).append(choice)
+        by_chain.setdefault(seg.chain, {}).setdefault((seg.start, seg.stop), []).append(choice)
     chains = []
     for chain in analysis.chains:
         segs = by_chain.get(chain.name, {})
