@@ -3,9 +3,12 @@ loop with an injected measurement, plans in the format saved before."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+from typing import ClassVar
 
 import pytest
+import torch
 from test_optimize import X, _net, _PredictingTable
 
 import fxcompress
@@ -69,3 +72,49 @@ def test_plans_saved_before_still_load() -> None:
     assert [s.id for s in plan.segments] == ["body:0-2:merge:prune=relu", "body:2-3:keep"]
     # plain 5-tuples still build a plan, as Segments
     assert Plan(**{**plan.__dict__, "segments": tuple(map(tuple, plan.segments))}) == plan
+
+
+class _CountsTraces(torch.nn.Module):
+    """A small conv net that counts how often it is traced (called with an fx Proxy).
+
+    The count is kept on the class: capture works on a deep copy of the model.
+    """
+
+    traces: ClassVar[list[int]] = []
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 3, padding=1),
+            torch.nn.BatchNorm2d(8),
+            torch.nn.ReLU(),
+            torch.nn.Conv2d(8, 8, 3, padding=1),
+            torch.nn.BatchNorm2d(8),
+            torch.nn.ReLU(),
+            torch.nn.Conv2d(8, 8, 3, padding=1),
+            torch.nn.ReLU(),
+        )
+
+    def forward(self, x):
+        if isinstance(x, torch.fx.Proxy):
+            self.traces.append(1)
+        return self.body(x)
+
+
+@pytest.mark.parametrize(
+    ("budget", "methods"),
+    [
+        (1.0, ("merge", "prune")),
+        (0.8, ("merge", "prune")),
+        (0.8, ("merge", "prune", "drop")),
+        (0.5, ("lowrank",)),
+    ],
+)
+def test_optimize_traces_the_model_once(budget, methods) -> None:
+    _CountsTraces.traces.clear()
+    model = _CountsTraces().eval()
+    x = torch.randn(2, 3, 8, 8)
+    # the budget does not matter here (it may be out of reach): how often the model is traced does
+    with contextlib.suppress(fxcompress.InfeasibleBudget):
+        fxcompress.optimize(model, budget, x, latency="flops", methods=methods, progress=False)
+    assert len(_CountsTraces.traces) == 1
