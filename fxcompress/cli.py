@@ -1,4 +1,4 @@
-"""The ``fxcompress`` command line: ``optimize``, ``report``, ``latency``.
+"""The ``fxcompress`` command line: ``optimize``, ``report``, ``latency``, ``cache``.
 
 Examples::
 
@@ -10,6 +10,7 @@ Examples::
         --finetune distill --train-data mypkg.data:train_batches --epochs 4 --plan-candidates 3
     fxcompress report r18.report.json --plot r18.png
     fxcompress latency --cache-dir .fxc --show
+    fxcompress cache --info
 """
 
 from __future__ import annotations
@@ -284,7 +285,7 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         finetune=finetune,
         latency=args.latency,
         device=args.device,
-        cache_dir=args.cache_dir,
+        cache_dir=False if args.no_cache else args.cache_dir,
         methods=_methods(args.methods),
         progress=False if args.quiet else None,  # None: a bar on a terminal, else log lines
         plan_candidates=args.plan_candidates,
@@ -322,12 +323,13 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_latency(args: argparse.Namespace) -> int:
+    from fxcompress.cache import resolve_cache_dir
     from fxcompress.latency.table import LatencyTable
 
     table = LatencyTable(
         mode="measure",
         device=args.device,
-        cache_dir=args.cache_dir,
+        cache_dir=resolve_cache_dir(args.cache_dir) or False,
         progress=False if args.quiet else None,
     )
     if args.model:
@@ -340,11 +342,27 @@ def _cmd_latency(args: argparse.Namespace) -> int:
         analysis = fxcompress.analyze(gm)
         for opt in enumerate_options(analysis, prune=True):
             option_latency(opt, analysis, table, "float32")
-        table.save()
+        if table.cache_path is not None:  # else the cache is unusable (warned): nothing to keep
+            table.save()
     print(f"cache: {table.cache_path}  entries: {len(table.entries)}")
     if args.show:
         for key, ms in sorted(table.entries.items(), key=lambda kv: -kv[1])[:50]:
             print(f"{ms:10.4f} ms  {key}")
+    return 0
+
+
+def _cmd_cache(args: argparse.Namespace) -> int:
+    from fxcompress.cache import cache_info, clear_cache
+
+    if args.clear:
+        removed = clear_cache(args.cache_dir)
+        print(f"removed {removed} files from {cache_info(args.cache_dir).path}")
+    if args.info or not args.clear:
+        info = cache_info(args.cache_dir)
+        state = "" if info.exists else "  (not created yet)"
+        print(f"path: {info.path}{state}")
+        print(f"files: {info.files}")
+        print(f"size: {info.bytes / 2**20:.2f} MB of at most {info.max_bytes / 2**20:.0f} MB")
     return 0
 
 
@@ -393,7 +411,13 @@ def build_parser() -> argparse.ArgumentParser:
         "alone (default: merge,prune)",
     )
     o.add_argument("--device", default=None, help="e.g. cpu, cuda:0 (default: cpu)")
-    o.add_argument("--cache-dir", default=None, help="latency cache directory")
+    o.add_argument(
+        "--cache-dir",
+        default=None,
+        help="cache directory of latency tables and importance scores (default: the user "
+        "cache, see fxcompress cache --info)",
+    )
+    o.add_argument("--no-cache", action="store_true", help="no on-disk cache: work in memory")
     o.add_argument("--out", default=None, help="write the result as a .pt2 program")
     o.add_argument("--plot", default=None, help="also write the report's plots to this .png")
     o.add_argument("--allow-pickle", action="store_true", help="allow loading pickled .pt models")
@@ -433,15 +457,26 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--plot", default=None, help="also write the report's plots to this .png")
     r.set_defaults(func=_cmd_report)
 
+    _add_latency_and_cache(sub, flags)
+    return p
+
+
+def _add_latency_and_cache(sub: Any, flags: argparse.ArgumentParser) -> None:
+    """The ``latency`` and ``cache`` subcommands."""
     lat = sub.add_parser("latency", help="build or inspect a latency table", parents=[flags])
     lat.add_argument("model", nargs="?", help="measure every merge option of this model")
     lat.add_argument("--input-shape", default="1,3,224,224")
     lat.add_argument("--device", default="cpu")
-    lat.add_argument("--cache-dir", required=True)
+    lat.add_argument("--cache-dir", default=None, help="the table's directory (default: the cache)")
     lat.add_argument("--show", action="store_true", help="list the slowest entries")
     lat.add_argument("--allow-pickle", action="store_true")
     lat.set_defaults(func=_cmd_latency)
-    return p
+
+    c = sub.add_parser("cache", help="inspect or clear the on-disk cache", parents=[flags])
+    c.add_argument("--info", action="store_true", help="show its path, files and size (default)")
+    c.add_argument("--clear", action="store_true", help="delete its latency and importance files")
+    c.add_argument("--cache-dir", default=None, help="another directory than the default cache")
+    c.set_defaults(func=_cmd_cache)
 
 
 def main(argv: list[str] | None = None) -> int:

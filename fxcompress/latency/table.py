@@ -28,11 +28,12 @@ import os
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from fxcompress.cache import trim_cache
 from fxcompress.errors import InvalidArgument
 from fxcompress.latency.analytic import analytic_ms, flops_model
 from fxcompress.latency.cache import CACHE_FORMAT, cache_file, merge_and_write, read_cache
@@ -61,10 +62,13 @@ class LatencyTable:
     threads : int, optional
         Torch intra-op threads while measuring (restored afterwards); default: torch's current
         setting at construction.
-    cache_dir : path-like, optional
+    cache_dir : path-like or False, optional
         Directory of the persistent cache; the file is ``latency-<hash of env>.json`` there. It is
-        read at construction and written after new values (created if missing). Ignored in
-        ``"flops"`` mode, whose values cost less to compute than to cache.
+        read at construction and written after new values (created if missing; then the oldest
+        files there are trimmed to the size limit, see :mod:`fxcompress.cache`). Ignored in
+        ``"flops"`` mode, whose values cost less to compute than to cache. None or False: no
+        cache (the pipeline's functions pass :func:`fxcompress.cache.resolve_cache_dir`'s
+        directory, the default cache unless told otherwise).
     repeats : int
         Timed runs per op (at most: a slow op stops after about 1.5 s once it has 5 runs); a low
         quantile of them is kept. At least 1.
@@ -104,7 +108,7 @@ class LatencyTable:
         mode: str = "measure",
         device: str | torch.device = "cpu",
         threads: int | None = None,
-        cache_dir: str | os.PathLike[str] | None = None,
+        cache_dir: str | os.PathLike[str] | Literal[False] | None = None,
         repeats: int = 30,
         warmup: int = 5,
         progress: bool | None = None,
@@ -141,7 +145,7 @@ class LatencyTable:
         self._env = self._make_env()
         self._entries: dict[str, float] = {}
         self._cache_path: Path | None = None
-        if cache_dir is not None:
+        if cache_dir is not None and cache_dir is not False:
             if not isinstance(cache_dir, (str, os.PathLike)):
                 raise InvalidArgument(
                     f"cache_dir must be a path, got {cache_dir!r} of type "
@@ -393,6 +397,8 @@ class LatencyTable:
             self.save()
         except OSError as exc:
             logger.warning("could not write latency cache %s: %s", self._cache_path, exc)
+            return
+        trim_cache(self._cache_path.parent)
 
     @classmethod
     def load(

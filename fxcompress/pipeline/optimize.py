@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn
 
 import torch
 from torch import fx, nn
 
 from fxcompress import meta
 from fxcompress.budget import Budget, as_budget
+from fxcompress.cache import resolve_cache_dir
 from fxcompress.data import inputs_for
 from fxcompress.depth.merge import merge
 from fxcompress.depth.options import baseline_latency
@@ -63,7 +65,7 @@ def optimize(
     device: str | None = None,
     methods: Sequence[str] = METHODS,
     check: bool = True,
-    cache_dir: str | None = None,
+    cache_dir: str | os.PathLike[str] | Literal[False] | None = None,
     progress: bool | None = None,
     calibration_batches: int = 4,
     executor: Executor | None = None,
@@ -124,8 +126,12 @@ def optimize(
         :class:`RewriteError` if it differs. The reference of the captured graph, and at a
         budget of 1 of the result, is the caller's model itself (an eval-mode copy run
         eagerly), never a trace of it.
-    cache_dir : str, optional
-        Directory of the persistent latency cache.
+    cache_dir : path or False, optional
+        Directory of the persistent cache of latency tables and importance scores. None (the
+        default): the default cache dir, :func:`fxcompress.cache.default_cache_dir` (the user
+        cache directory, or the environment variable ``FXCOMPRESS_CACHE_DIR``); False: no
+        cache. A directory that cannot be created or written logs a warning, and the run works
+        in memory.
     progress : bool, optional
         Progress bars (default: only on a terminal).
     calibration_batches : int
@@ -137,8 +143,8 @@ def optimize(
         and runs at several budgets on the same model and data score each option once. Scores
         are stamped with a fingerprint of the graph, its weights, the calibration batches and the
         names of ``loss_fn``/``candidate_finetune``; a file with another fingerprint is ignored
-        (with a warning) and overwritten. By default, with ``cache_dir`` given and ``loss_fn``
-        either None or an ``nn.Module``, scores are kept in ``cache_dir`` under their
+        (with a warning) and overwritten. By default, with a cache (see ``cache_dir``) and
+        ``loss_fn`` either None or an ``nn.Module``, scores are kept in the cache under their
         fingerprint; with a plain-function ``loss_fn`` pass a checkpoint explicitly (a
         function's name does not pin down what it computes).
     candidate_finetune : callable, optional
@@ -210,6 +216,7 @@ def optimize(
     methods = check_methods(methods, b)
     trial = check_trial(plan_candidates, trial_finetune, finetune, methods)
     inputs = inputs_for(example_inputs, data)
+    cache_dir = resolve_cache_dir(cache_dir) or False  # once: one warning if it is unusable
     table = latency_table(latency, device or device_of(model), cache_dir, progress)
     measure = measure if measure is not None else PairedLatency(table)
     if methods == ("lowrank",):

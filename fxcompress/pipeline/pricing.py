@@ -15,6 +15,7 @@ from typing import Any
 
 from torch import fx, nn
 
+from fxcompress.cache import as_cache_dir, resolve_cache_dir
 from fxcompress.depth.analysis import Analysis, Residual, units_of
 from fxcompress.depth.merge import merge
 from fxcompress.depth.options import baseline_latency, item_latency
@@ -39,7 +40,11 @@ logger = logging.getLogger("fxcompress")
 
 
 def latency_table(latency: Any, device: str, cache_dir: Any, progress: bool | None) -> LatencyTable:
-    """``latency`` itself if it is a table, else a table of that mode on ``device``."""
+    """``latency`` itself if it is a table, else a table of that mode on ``device``.
+
+    A measured table is cached in ``cache_dir`` as :func:`fxcompress.cache.resolve_cache_dir`
+    resolves it (None: the default cache; False: none).
+    """
     if isinstance(latency, LatencyTable):
         return latency
     if latency not in ("measure", "flops"):
@@ -47,7 +52,11 @@ def latency_table(latency: Any, device: str, cache_dir: Any, progress: bool | No
             f"latency must be 'measure', 'flops' or a LatencyTable, got "
             f"latency={latency!r} (type={type(latency).__name__})"
         )
-    return LatencyTable(mode=latency, device=device, cache_dir=cache_dir, progress=progress)
+    if latency == "flops":
+        as_cache_dir(cache_dir)  # checked only: analytic values cost less than reading a cache
+        return LatencyTable(mode="flops", device=device, progress=progress)
+    directory = resolve_cache_dir(cache_dir)
+    return LatencyTable(mode="measure", device=device, cache_dir=directory, progress=progress)
 
 
 def device_of(model: nn.Module) -> str:

@@ -8,16 +8,19 @@ frozen :class:`Prepared`; :func:`solve` runs the DP on it for a budget and retur
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import fx, nn
 
 from fxcompress.budget import Budget, as_budget
+from fxcompress.cache import resolve_cache_dir, trim_cache
 from fxcompress.data import inputs_for
 from fxcompress.depth import planner
 from fxcompress.depth.importance import Calibration, fingerprint, score_candidates
@@ -36,6 +39,8 @@ from fxcompress.pipeline.measure import Measure, PairedLatency, Stopwatch
 from fxcompress.pipeline.plan import Plan
 from fxcompress.pipeline.pricing import device_of, kept_latency, latency_table, price
 
+logger = logging.getLogger("fxcompress")
+
 __all__ = ["Planning", "Prepared", "make_plan", "prepare", "prepare_problem", "solve", "solve_ms"]
 
 
@@ -46,7 +51,7 @@ class Planning:
     methods: tuple[str, ...] = METHODS
     data: Iterable[Any] | None = None
     loss_fn: Callable[[Any, Any], torch.Tensor] | None = None
-    cache_dir: str | None = None
+    cache_dir: str | os.PathLike[str] | Literal[False] | None = None
     progress: bool | None = None
     calibration_batches: int = 4
     executor: Executor | None = None
@@ -90,28 +95,57 @@ def _cacheable(loss_fn: Any, candidate_finetune: Any) -> bool:
     return candidate_finetune is None and (loss_fn is None or isinstance(loss_fn, nn.Module))
 
 
+def importance_file(key: str) -> str:
+    """The name of the cached importance scores of fingerprint ``key``: ``importance-<hash>.json``.
+
+    The hash covers the fingerprint, torch's and fxcompress's versions, so that scores computed
+    by another version are never used.
+    """
+    import fxcompress
+
+    digest = hashlib.blake2b(digest_size=16)
+    for part in (key, torch.__version__, fxcompress.__version__):
+        digest.update(part.encode() + b"\0")
+    return f"importance-{digest.hexdigest()}.json"
+
+
 def _scores(captured: Captured, options: list[Any], how: Planning) -> dict[str, float]:
     """The damage of every option that needs a score (:mod:`fxcompress.depth.importance`)."""
     gm, inputs = captured.gm, captured.inputs
     calib = Calibration.from_data(how.data, inputs, max_batches=how.calibration_batches)
     check_calibration_shapes(calib, inputs)
     candidates = [o.segment for o in options if o.needs_score]
-    checkpoint = how.importance_checkpoint
-    cacheable = _cacheable(how.loss_fn, how.candidate_finetune)
-    if checkpoint is None and how.cache_dir is not None and cacheable:
+    checkpoint, directory = how.importance_checkpoint, None
+    if checkpoint is None and candidates and _cacheable(how.loss_fn, how.candidate_finetune):
+        directory = resolve_cache_dir(how.cache_dir)
+    if directory is not None:
         key = fingerprint(gm, calib, how.loss_fn, how.candidate_finetune)
-        checkpoint = str(Path(how.cache_dir) / f"importance-{key}.json")
-    return score_candidates(
-        gm,
-        captured.analysis,
-        candidates,
-        calib,
-        loss_fn=how.loss_fn,
-        candidate_finetune=how.candidate_finetune,
-        executor=how.executor,
-        checkpoint=checkpoint,
-        progress=how.progress,
-    )
+        checkpoint = str(directory / importance_file(key))
+
+    def score(checkpoint: str | None) -> dict[str, float]:
+        return score_candidates(
+            gm,
+            captured.analysis,
+            candidates,
+            calib,
+            loss_fn=how.loss_fn,
+            candidate_finetune=how.candidate_finetune,
+            executor=how.executor,
+            checkpoint=checkpoint,
+            progress=how.progress,
+        )
+
+    if directory is None:
+        return score(checkpoint)
+    try:
+        scores = score(checkpoint)
+    except OSError as exc:  # the cache became unwritable (full disk, say): never a failed run
+        logger.warning(
+            "could not write importance cache %s (%s); scoring in memory", checkpoint, exc
+        )
+        return score(None)
+    trim_cache(directory)
+    return scores
 
 
 def prepare(
@@ -255,7 +289,7 @@ def prepare_problem(
     latency: str | LatencyTable = "measure",
     device: str | None = None,
     methods: Sequence[str] = METHODS,
-    cache_dir: str | None = None,
+    cache_dir: str | os.PathLike[str] | Literal[False] | None = None,
     progress: bool | None = None,
     calibration_batches: int = 4,
     executor: Executor | None = None,
@@ -279,6 +313,7 @@ def prepare_problem(
         )
     inputs = inputs_for(example_inputs, data)
     captured = capture_once(model, inputs, leaf_modules=leaf_modules)
+    cache_dir = resolve_cache_dir(cache_dir) or False  # once: one warning if it is unusable
     how = Planning(
         methods=methods,
         data=data,
@@ -305,7 +340,7 @@ def make_plan(
     latency: str | LatencyTable = "measure",
     device: str | None = None,
     methods: Sequence[str] = METHODS,
-    cache_dir: str | None = None,
+    cache_dir: str | os.PathLike[str] | Literal[False] | None = None,
     progress: bool | None = None,
     calibration_batches: int = 4,
     executor: Executor | None = None,
