@@ -22,6 +22,7 @@ cut would reach the recorded prefix values that the next candidates reuse.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -29,7 +30,8 @@ import logging
 import os
 import pickle
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +51,8 @@ from fxcompress.graph.util import clone_tensors
 __all__ = ["Calibration", "score_candidates"]
 
 logger = logging.getLogger("fxcompress.importance")
+#: the least time between two writes of an importance checkpoint (and one write at the end)
+SAVE_EVERY_S = 1.0
 
 
 #: The former name of an option to score, now the one :class:`Segment` type (relax ``chain``
@@ -301,7 +305,8 @@ def score_candidates(
     def relaxed_of(c: Segment) -> fx.GraphModule:
         return apply_choices(gm, analysis, [c], record_shapes=False)
 
-    with bar(total=len(todo), desc="scoring", enabled=progress) as pbar:
+    saver = _Checkpoint(checkpoint, key)
+    with bar(total=len(todo), desc="scoring", enabled=progress) as pbar, saver.flushing(done):
         if executor is None:
             for c in todo:
                 relaxed = relaxed_of(c)
@@ -312,7 +317,7 @@ def score_candidates(
                     )
                 else:
                     done[c.id] = scorer.damage(relaxed, _first_node(analysis, c, gm))
-                _save(checkpoint, done, key)
+                saver.update(done)
                 pbar.update(1)
         else:
             futures = {}
@@ -330,7 +335,7 @@ def score_candidates(
                 )
             for cid, fut in futures.items():
                 done[cid] = float(fut.result())
-                _save(checkpoint, done, key)
+                saver.update(done)
                 pbar.update(1)
     return {c.id: done[c.id] for c in candidates}
 
@@ -401,6 +406,36 @@ def _load(path: str | os.PathLike[str] | None, key: str) -> dict[str, float]:
         )
         return {}
     return scores
+
+
+class _Checkpoint:
+    """Writes the scores at most every :data:`SAVE_EVERY_S` seconds and once when scoring ends
+    (also on an error, so that a resumed run skips what was scored). A write that fails warns
+    once and scoring goes on in memory: a cache is never a reason for a failed run."""
+
+    def __init__(self, path: str | os.PathLike[str] | None, key: str) -> None:
+        self.path, self.key = path, key
+        self.last = time.monotonic()
+        self.broken = path is None
+
+    def update(self, scores: dict[str, float], *, force: bool = False) -> None:
+        if self.broken or (not force and time.monotonic() - self.last < SAVE_EVERY_S):
+            return
+        try:
+            _save(self.path, scores, self.key)
+        except OSError as exc:
+            logger.warning(
+                "cannot write importance checkpoint %s (%s); scoring in memory", self.path, exc
+            )
+            self.broken = True
+        self.last = time.monotonic()
+
+    @contextlib.contextmanager
+    def flushing(self, scores: dict[str, float]) -> Iterator[None]:
+        try:
+            yield
+        finally:
+            self.update(scores, force=True)
 
 
 def _save(path: str | os.PathLike[str] | None, scores: dict[str, float], key: str) -> None:

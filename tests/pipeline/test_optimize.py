@@ -583,3 +583,21 @@ def test_closed_loop_bisects_when_the_measured_curve_jumps_across_the_band(
     assert any(_in_band(step_like(p), goal) for _, p in plans)  # brute force: a plan fits
     assert _in_band(report.ratio, goal)
     assert report.damage == plans[i][1].damage
+
+
+def test_a_checkpoint_that_cannot_be_written_warns_and_scoring_goes_on(tmp_path, caplog) -> None:
+    gm, analysis, cands, calib = _scoring_setup()
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("a file where the checkpoint's folder should be")
+    expected = score_candidates(gm, analysis, cands[:3], calib)
+    with caplog.at_level("WARNING", logger="fxcompress.importance"):
+        got = score_candidates(gm, analysis, cands[:3], calib, checkpoint=blocker / "s.json")
+    assert got == expected
+    assert sum("cannot write importance checkpoint" in r.message for r in caplog.records) == 1
+
+
+def test_a_checkpoint_holds_every_score_when_scoring_ends(tmp_path) -> None:
+    gm, analysis, cands, calib = _scoring_setup()
+    path = tmp_path / "scores.json"
+    got = score_candidates(gm, analysis, cands, calib, checkpoint=path)
+    assert json.loads(path.read_text())["scores"] == dict(sorted(got.items()))
