@@ -5,8 +5,10 @@ Where it goes follows ``progress``:
 
 - ``None`` (the default): a tqdm bar when stderr is a terminal; otherwise (a log file, a pipe, a
   notebook's captured stream) one line per finished stage on the ``fxcompress.progress`` logger at
-  INFO level, e.g. ``scoring: 40/40 done in 3.2 s``. Carriage-return updates never reach a
-  file.
+  INFO level, e.g. ``scoring: 40/40 done in 3.2 s``, and while a stage runs, a line every
+  :data:`LOG_EVERY_S` seconds with the steps done and left and an estimate of the time left
+  (``scoring: 12/40 done in 31.0 s, 28 left, about 72 s to go``). Carriage-return updates never
+  reach a file.
 - ``True``: a tqdm bar wherever stderr goes.
 - ``False``: nothing.
 
@@ -19,13 +21,16 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
-__all__ = ["bar", "track"]
+__all__ = ["LOG_EVERY_S", "bar", "track"]
 
 logger = logging.getLogger("fxcompress.progress")
+
+#: seconds between two "still running" lines of a logged stage
+LOG_EVERY_S = 30.0
 
 T = TypeVar("T")
 
@@ -62,10 +67,9 @@ def bar(*, total: int, desc: str, enabled: bool | None) -> Iterator[Any]:
         yield _Null()
         return
     if mode == "log":
-        counter = _Counter()
-        t0 = time.perf_counter()
+        counter = _Counter(desc, total)
         yield counter
-        _log_stage(desc, counter.n, total, time.perf_counter() - t0)
+        _log_stage(desc, counter.n, total, counter.elapsed())
         return
     from tqdm.auto import tqdm
 
@@ -90,11 +94,11 @@ def track(
         yield from items
         return
     if mode == "log":
-        t0, n = time.perf_counter(), 0
+        counter = _Counter(desc, total or None)
         for item in items:
-            n += 1
             yield item
-        _log_stage(desc, n, total or None, time.perf_counter() - t0)
+            counter.update()
+        _log_stage(desc, counter.n, total or None, counter.elapsed())
         return
     from tqdm.auto import tqdm
 
@@ -107,10 +111,42 @@ class _Null:
 
 
 class _Counter:
-    """Counts the steps of a stage whose progress is logged rather than drawn."""
+    """Counts the steps of a stage whose progress is logged rather than drawn, and logs a line with
+    the steps left and the time they should take every ``every`` seconds of the stage."""
 
-    def __init__(self) -> None:
-        self.n = 0
+    def __init__(
+        self,
+        desc: str,
+        total: int | None,
+        *,
+        every: float | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.desc, self.total, self.n = desc, total, 0
+        self.every = LOG_EVERY_S if every is None else every
+        self.clock = clock
+        self.start = self.last = clock()
+
+    def elapsed(self) -> float:
+        return self.clock() - self.start
 
     def update(self, n: int = 1) -> None:
         self.n += n
+        now = self.clock()
+        if now - self.last < self.every:
+            return
+        self.last = now
+        seconds = now - self.start
+        if not self.total or self.n >= self.total:
+            logger.info("%s: %d done in %.1f s, still running", self.desc, self.n, seconds)
+            return
+        left = self.total - self.n
+        logger.info(
+            "%s: %d/%d done in %.1f s, %d left, about %.0f s to go",
+            self.desc,
+            self.n,
+            self.total,
+            seconds,
+            left,
+            seconds / self.n * left,
+        )
